@@ -51,8 +51,11 @@ def test_rechunker_preserves_every_sample_in_order(block: int, sizes: list[int])
         pos += n
     rest = r.flush()
     assert r.pending == 0
-    joined = np.concatenate(out + ([rest] if rest is not None else [])) if (out or rest is not None) \
+    joined = (
+        np.concatenate(out + ([rest] if rest is not None else []))
+        if (out or rest is not None)
         else np.zeros(0, np.int16)
+    )
     assert joined.tolist() == data.tolist()
 
 

@@ -100,7 +100,9 @@ def test_bool_is_not_an_int() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -111,9 +113,23 @@ FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @FUZZ
 @given(
     st.sampled_from(sorted(m.ALL_EVENTS) + ["x.unknown"]),
-    st.dictionaries(st.sampled_from(["text", "session", "delta", "response", "error", "item_id",
-                                     "response_id", "output_index", "extra_key"]),
-                    json_values, max_size=5),
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "text",
+                "session",
+                "delta",
+                "response",
+                "error",
+                "item_id",
+                "response_id",
+                "output_index",
+                "extra_key",
+            ]
+        ),
+        json_values,
+        max_size=5,
+    ),
 )
 def test_parsers_never_crash_on_arbitrary_objects(type_name: str, fields: dict[str, Any]) -> None:
     frame = orjson.dumps({"type": type_name, **fields})
@@ -165,22 +181,37 @@ def test_enrollment_builders_match_protocol() -> None:
         },
     }
     assert m.list_voices_request(page_index=2, page_size=5)["input"] == {
-        "action": "list", "page_index": 2, "page_size": 5,
+        "action": "list",
+        "page_index": 2,
+        "page_size": 5,
     }
     assert m.delete_voice_request("v")["input"] == {"action": "delete", "voice": "v"}
 
 
 def test_enrollment_parsers_accept_old_and_new_shapes() -> None:
     old = {"output": {"voice": "v1", "target_model": "t"}, "usage": {"count": 1}, "request_id": "r"}
-    new = {"output": {"voice": "v1", "target_model": "t", "fallback_mode": True,
-                      "fallback_reason": "no_merged_segments"}, "request_id": "r"}
+    new = {
+        "output": {
+            "voice": "v1",
+            "target_model": "t",
+            "fallback_mode": True,
+            "fallback_reason": "no_merged_segments",
+        },
+        "request_id": "r",
+    }
     assert m.parse_created_voice(old) == m.CreatedVoice("v1", "t", False, None, "r")
     assert m.parse_created_voice(new).fallback_reason == "no_merged_segments"
     page_old = m.parse_voice_page({"output": {"voice_list": [{"voice": "a", "gmt_create": "x"}]}})
     assert page_old.voices[0].voice == "a" and page_old.total_count is None
     page_new = m.parse_voice_page(
-        {"output": {"page_index": 0, "page_size": 10, "total_count": 1,
-                    "voice_list": [{"voice": "a", "language": "zh", "target_model": "t"}]}}
+        {
+            "output": {
+                "page_index": 0,
+                "page_size": 10,
+                "total_count": 1,
+                "voice_list": [{"voice": "a", "language": "zh", "target_model": "t"}],
+            }
+        }
     )
     assert page_new.total_count == 1 and page_new.voices[0].language == "zh"
     with pytest.raises(ProtocolViolation):

@@ -105,7 +105,9 @@ class HandshakeRejected(ConnectionFailed):
 
     def __init__(self, status: int, message: str = "", *, code: str | None = None) -> None:
         self.status, self.code = status, code
-        super().__init__(f"handshake rejected with HTTP {status}" + (f": {message}" if message else ""))
+        super().__init__(
+            f"handshake rejected with HTTP {status}" + (f": {message}" if message else "")
+        )
 
 
 class ConnectionLost(ConnectionFailed):
@@ -116,7 +118,12 @@ class ConnectionLost(ConnectionFailed):
     """
 
     def __init__(
-        self, message: str, *, code: int | None = None, reason: str = "", audio_received: bool = False
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        reason: str = "",
+        audio_received: bool = False,
     ) -> None:
         self.code, self.reason, self.audio_received = code, reason, audio_received
         super().__init__(message)
@@ -170,13 +177,19 @@ _RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 def server_error(
-    message: str, *, code: str | None = None, status: int | None = None, request_id: str | None = None
+    message: str,
+    *,
+    code: str | None = None,
+    status: int | None = None,
+    request_id: str | None = None,
 ) -> ServerError:
     """Build the most specific :class:`ServerError` for a code/status pair."""
     code_s = code or ""
     cls: type[ServerError] = ServerError
-    if status in (401, 403) or code_s in ("InvalidApiKey", "AccessDenied") or code_s.endswith(
-        ".AccessDenied"
+    if (
+        status in (401, 403)
+        or code_s in ("InvalidApiKey", "AccessDenied")
+        or code_s.endswith(".AccessDenied")
     ):
         cls = AuthenticationError
     elif code_s == "BadRequest.VoiceNotFound":

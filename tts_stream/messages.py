@@ -14,6 +14,7 @@ Malformed input raises :class:`~tts_stream.errors.ProtocolViolation` naming what
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import uuid
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from .errors import ProtocolViolation
 __all__ = [
     "ALL_EVENTS",
     "CLIENT_EVENTS",
+    "ENROLLMENT_LANGUAGES",
     "ENROLLMENT_MODEL",
     "ENROLLMENT_PATH",
     "LANGUAGE_TYPES",
@@ -84,6 +86,7 @@ REALTIME_PATH = "/api-ws/v1/realtime"
 ENROLLMENT_PATH = "/api/v1/services/audio/tts/customization"
 ENROLLMENT_MODEL = "qwen-voice-enrollment"
 VC_MODELS = ("qwen3-tts-vc-realtime-2026-01-15", "qwen3-tts-vc-realtime-2025-11-27")
+ENROLLMENT_LANGUAGES = ("zh", "en", "de", "it", "pt", "es", "ja", "ko", "fr", "ru")  # §4.2
 MODES = ("server_commit", "commit")
 RESPONSE_FORMATS = ("pcm", "wav", "mp3", "opus")
 SAMPLE_RATES = (8000, 16000, 24000, 48000)
@@ -147,23 +150,23 @@ class Event:
         return self.TYPE
 
     @classmethod
-    def from_dict(cls: type[E], data: Mapping[str, Any]) -> E:
+    def from_dict(cls: builtins.type[E], data: Mapping[str, Any]) -> E:
         kwargs: dict[str, Any] = {}
         extra = {k: v for k, v in data.items() if k != "type"}
         for f in _payload_fields(cls):
             if f.name in data:
-                value = extra.pop(f.name)
+                value = data[f.name]
                 if not _check(value, str(f.type)):
-                    raise ProtocolViolation(
-                        f"{cls.TYPE or 'event'}: field {f.name!r} must be {f.type}, got {value!r:.80}"
-                    )
-                kwargs[f.name] = value
+                    what = f"{cls.TYPE or 'event'}: field {f.name!r} must be {f.type}"
+                    raise ProtocolViolation(f"{what}, got {value!r:.80}")
+                if value is not None:  # an explicit null stays in extra: it round-trips
+                    kwargs[f.name] = extra.pop(f.name)
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ProtocolViolation(f"{cls.TYPE}: missing required field {f.name!r}")
         return cls(extra=extra, **kwargs)
 
 
-def _payload_fields(cls: type[Event]) -> tuple[dataclasses.Field[Any], ...]:
+def _payload_fields(cls: builtins.type[Event]) -> tuple[dataclasses.Field[Any], ...]:
     return tuple(f for f in dataclasses.fields(cls) if f.name != "extra")
 
 

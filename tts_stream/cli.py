@@ -1,0 +1,297 @@
+"""The ``tts-stream`` command: a thin composition root over the library and the sinks.
+
+Subcommands mirror the API: ``serve``, ``check``, ``voices create|list|delete``, ``speak``,
+``demo`` and ``devices``. Secrets come from the environment (``DASHSCOPE_API_KEY``) only.
+With no API key and no ``--base-url``, ``speak``, ``voices`` and ``demo`` start the local
+server inside this process (the embedded default), keeping voices under the data directory.
+Errors print one line (``-v`` adds the traceback); exit codes: 0 ok, 1 failure, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import TtsStreamError, UsageError
+from .messages import VC_MODELS
+
+__all__ = ["main"]
+
+log = logging.getLogger(__name__)
+
+#: Key of the embedded local server: voices created through it belong to this key.
+EMBEDDED_API_KEY = "sk-local-embedded"
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("TTS_STREAM_DATA")
+    return Path(env) if env else Path.home() / ".local" / "share" / "tts-stream"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tts-stream",
+        description="Voice-cloned real-time speech over the DashScope Qwen-TTS Realtime API.",
+    )
+    p.add_argument("--version", action="version", version=f"tts-stream {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument("--base-url", help="service base URL, e.g. http://127.0.0.1:8000")
+    target.add_argument("--region", choices=["intl", "cn"], default="intl")
+    target.add_argument("--workspace", help="DashScope workspace id")
+    target.add_argument(
+        "--data-dir", type=Path, default=None, help="embedded server data (default: %(default)s)"
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the local DashScope-compatible server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--backend", choices=["espeak", "tone"], default="espeak")
+    s.add_argument("--pacing", choices=["burst", "realtime"], default="burst")
+    s.add_argument("--data-dir", type=Path, default=None)
+    s.add_argument("--api-key", help="accept this key (default: $DASHSCOPE_API_KEY or generated)")
+
+    c = sub.add_parser("check", help="check a clone sample locally (no network)")
+    c.add_argument("sample", type=Path)
+
+    v = sub.add_parser("voices", help="create, list or delete cloned voices")
+    vsub = v.add_subparsers(dest="voices_command", required=True, metavar="ACTION")
+    vc = vsub.add_parser("create", parents=[target], help="clone a voice from a sample")
+    vc.add_argument("sample", help="WAV/MP3/M4A file, or an http(s) URL")
+    vc.add_argument("--name", required=True, help="preferred_name: [A-Za-z0-9_]{1,16}")
+    vc.add_argument("--model", default=VC_MODELS[0], choices=VC_MODELS, help="target model")
+    vc.add_argument("--text", help="transcript of the sample")
+    vc.add_argument("--language", help="language of the sample (zh, en, ...)")
+    vl = vsub.add_parser("list", parents=[target], help="list every voice")
+    vl.add_argument("--page-size", type=int, default=100)
+    vd = vsub.add_parser("delete", parents=[target], help="delete voices")
+    vd.add_argument("voice", nargs="+")
+    vd.add_argument("--missing-ok", action="store_true")
+
+    sp = sub.add_parser("speak", parents=[target], help="speak text with a cloned voice")
+    sp.add_argument("voice", help="voice name (as printed by `voices create`)")
+    sp.add_argument("text", help="text to speak, or - to read stdin")
+    sp.add_argument("--model", default=None, help="default: the voice's target model")
+    sp.add_argument("--mode", choices=["server_commit", "commit"], default="server_commit")
+    sp.add_argument("--rate", type=int, default=None, help="sample rate (default 24000)")
+    _add_sink_options(sp)
+
+    d = sub.add_parser("demo", help="clone a voice and speak on the embedded local server")
+    d.add_argument("--out", type=Path, default=Path("demo.wav"))
+    d.add_argument("--no-play", action="store_true", help="do not use the sound card")
+    d.add_argument("--data-dir", type=Path, default=None)
+
+    dv = sub.add_parser("devices", help="list sound-card output devices")
+    dv.add_argument("--backend", choices=["sounddevice", "pyaudio"], default="sounddevice")
+    return p
+
+
+def _add_sink_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wav", type=Path, help="write a WAV file")
+    p.add_argument("--play", action="store_true", help="play on the sound card")
+    p.add_argument("--device", help="sound-card device index or name")
+    p.add_argument("--audio-backend", choices=["sounddevice", "pyaudio"], default="sounddevice")
+    p.add_argument("--rtp", metavar="HOST:PORT", help="send RTP to HOST:PORT")
+    p.add_argument("--codec", choices=["pcmu", "pcma", "l16"], default="pcmu")
+    p.add_argument("--sdp", type=Path, help="write the RTP stream's SDP to this file")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 0 for --help/--version, 2 for usage errors
+        return int(exc.code or 0)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        return 130
+    except (TtsStreamError, OSError) as exc:
+        if args.verbose:
+            log.exception("failed")
+        print(f"tts-stream: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from .server import run_serve
+
+        key = args.api_key or os.environ.get("DASHSCOPE_API_KEY")
+        return run_serve(
+            host=args.host, port=args.port, backend=args.backend, pacing=args.pacing,
+            data_dir=args.data_dir or default_data_dir(), api_key=key,
+        )  # fmt: skip
+    if args.command == "check":
+        return _check(args.sample)
+    if args.command == "devices":
+        return _devices(args.backend)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return _run(run_demo(out=args.out, play=not args.no_play,
+                             data_dir=args.data_dir or default_data_dir()))  # fmt: skip
+    if args.command == "voices":
+        return _run(_voices(args))
+    if args.command == "speak":
+        return _run(_speak(args))
+    raise AssertionError(args.command)
+
+
+def _run(coro: Any) -> int:
+    from . import run
+
+    result = run(coro)
+    return int(result or 0)
+
+
+def _check(path: Path) -> int:
+    from .samples import inspect_sample
+
+    report = inspect_sample(path)
+    print(f"{path}: {report.container} {report.sample_rate} Hz, {report.channels} ch, "
+          f"{report.duration_s:.1f} s, longest speech {report.longest_speech_s:.1f} s, "
+          f"longest pause {report.longest_pause_s:.1f} s")  # fmt: skip
+    for w in report.warnings:
+        print(f"  warning: {w.message}")
+    for pr in report.problems:
+        print(f"  problem: {pr.message}")
+    print("OK: ready to clone" if report.ok else "REJECTED: fix the problems above")
+    return 0 if report.ok else 1
+
+
+def _devices(backend: str) -> int:
+    from sinks.soundcard import list_output_devices
+
+    devices = list_output_devices(backend=backend)
+    if not devices:
+        print("no output devices found")
+        return 1
+    for d in devices:
+        mark = "*" if d.is_default else " "
+        print(f"{mark}{d.index:3d}  {d.name}  ({d.max_output_channels} ch, "
+              f"{d.default_samplerate:g} Hz)")  # fmt: skip
+    return 0
+
+
+@dataclass(frozen=True)
+class _Target:
+    base_url: str | None
+    api_key: str | None
+
+
+@contextlib.asynccontextmanager
+async def _target(args: argparse.Namespace) -> AsyncIterator[_Target]:
+    """The service to talk to: the real one, a given base URL, or the embedded local server."""
+    key = os.environ.get("DASHSCOPE_API_KEY")
+    if key or args.base_url:
+        yield _Target(args.base_url, key)
+        return
+    from .server import LocalServer
+
+    data_dir = args.data_dir or default_data_dir()
+    async with LocalServer(data_dir=data_dir, api_key=EMBEDDED_API_KEY, backend="espeak") as srv:
+        log.info("embedded local server at %s (data in %s)", srv.base_url, data_dir)
+        yield _Target(srv.base_url, srv.api_key)
+
+
+async def _voices(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    async with (
+        _target(args) as t,
+        Engine(
+            api_key=t.api_key, base_url=t.base_url, region=args.region, workspace=args.workspace
+        ) as engine,
+    ):
+        if args.voices_command == "create":
+            voice = await engine.voices.create(
+                args.sample, preferred_name=args.name, target_model=args.model,
+                text=args.text, language=args.language,
+            )  # fmt: skip
+            print(voice.name)
+            if voice.fallback_mode:
+                print(f"warning: created in fallback mode ({voice.fallback_reason})",
+                      file=sys.stderr)  # fmt: skip
+        elif args.voices_command == "list":
+            n = 0
+            async for v in engine.voices.all(page_size=args.page_size):
+                print(f"{v.name}\t{v.target_model or ''}\t{v.created or ''}")
+                n += 1
+            print(f"{n} voice(s)", file=sys.stderr)
+        else:
+            for name in args.voice:
+                await engine.voices.delete(name, missing_ok=args.missing_ok)
+                print(f"deleted {name}")
+    return 0
+
+
+def build_sinks(args: argparse.Namespace) -> list[Any]:
+    """The sinks asked for on the command line (any combination at once)."""
+    out: list[Any] = []
+    if args.wav:
+        from sinks import WavSink
+
+        out.append(WavSink(args.wav))
+    if args.play:
+        from sinks.soundcard import SoundCardSink
+
+        device: int | str | None = args.device
+        if isinstance(device, str) and device.isdigit():
+            device = int(device)
+        out.append(SoundCardSink(device, backend=args.audio_backend))
+    if args.rtp:
+        from sinks.rtp import RtpSink
+
+        host, _, port = args.rtp.rpartition(":")
+        if not host or not port.isdigit():
+            raise UsageError(f"--rtp wants HOST:PORT, got {args.rtp!r}")
+        rtp = RtpSink(host, int(port), codec=args.codec)
+        if args.sdp:
+            args.sdp.write_text(rtp.sdp())
+        out.append(rtp)
+    if not out:
+        raise UsageError("no sink: give --wav FILE, --play and/or --rtp HOST:PORT")
+    return out
+
+
+async def _speak(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    sinks = build_sinks(args)
+    session: dict[str, Any] = {}
+    if args.rate:
+        session["sample_rate"] = args.rate
+    async with (
+        _target(args) as t,
+        Engine(
+            api_key=t.api_key, base_url=t.base_url, region=args.region, workspace=args.workspace
+        ) as engine,
+    ):
+        voice = await engine.voices.find(args.voice)
+        async with engine.speak(voice, sinks=sinks, model=args.model, mode=args.mode,
+                                **session) as speech:  # fmt: skip
+            await speech.push(text)
+        m = speech.metrics
+    print(f"first audio {m.first_audio_ms:.1f} ms, audio {m.audio_ms / 1000:.2f} s, "
+          f"{m.characters or 0} billed characters", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
