@@ -10,7 +10,6 @@ Errors print one line (``-v`` adds the traceback); exit codes: 0 ok, 1 failure, 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
@@ -289,7 +288,7 @@ async def _speak(args: argparse.Namespace) -> int:
             await speech.push(text)
         m = speech.metrics
     print(f"first audio {m.first_audio_ms:.1f} ms, audio {m.audio_ms / 1000:.2f} s, "
-          f"{m.characters or 0} billed characters", file=sys.stderr)  # fmt: skip
+          f"{m.billed_characters} billed characters", file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -1,0 +1,304 @@
+"""Local DashScope-compatible server: voice enrollment (HTTP) and Qwen-TTS Realtime (WebSocket).
+
+Role: everything in tts-stream can run, be tested and be benchmarked without a cloud account.
+One aiohttp server on one port (127.0.0.1 by default) speaks protocol.md §4 and §5 with real
+offline synthesis (``backend="espeak"``) or a nearly free deterministic tone
+(``backend="tone"``)::
+
+    async with LocalServer(port=0, backend="tone") as srv:
+        srv.base_url      # "http://127.0.0.1:PORT"; WebSocket: srv.ws_url
+        srv.api_key       # accepted key (generated "sk-local-..." unless given)
+        srv.faults        # fault knobs for the next sessions (see faults.py)
+        srv.stats()       # counters snapshot (ServerStats)
+
+Boundary: the server reuses ``messages`` and ``samples``, never the client side of tts-stream.
+Files: ``app.py`` (HTTP + routing), ``realtime.py`` (sessions), ``voices.py`` (SQLite store),
+``synth.py`` (speech backends), ``faults.py`` (fault knobs, counters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from aiohttp import web
+
+from ..errors import ClosedError, UsageError
+from ..messages import REALTIME_PATH
+from .app import EnrollmentConfig, ServerApp
+from .faults import Counters, Faults, ServerStats
+from .realtime import RealtimeConfig
+from .synth import Synthesizer, make_synthesizer
+from .voices import VoiceStore
+
+__all__ = ["Faults", "LocalServer"]
+
+log = logging.getLogger(__name__)
+
+DATA_ENV = "TTS_STREAM_DATA"
+_DB_NAME = "voices.sqlite3"
+_DAY = 86400.0
+
+
+def default_data_dir() -> Path:
+    """``$TTS_STREAM_DATA`` or ``~/.local/share/tts-stream`` (the ``serve`` default)."""
+    env = os.environ.get(DATA_ENV)
+    return Path(env) if env else Path.home() / ".local" / "share" / "tts-stream"
+
+
+class LocalServer:
+    """The local server as an async context manager (see the module docstring).
+
+    Every option is keyword-only. ``data_dir=None`` keeps voices in a temporary directory
+    removed at close; give a directory to keep them across restarts. ``clock`` is the wall
+    clock (epoch seconds) used for voice names, timestamps and the retention purge; tests
+    inject their own. Realtime options (``pacing``, ``delta_ms``, ``cut_*``, ``cancel``,
+    ``session_timeout_s``) are described in ``realtime.py``.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        backend: str = "tone",
+        data_dir: str | os.PathLike[str] | None = None,
+        api_key: str | None = None,
+        pacing: Literal["burst", "realtime"] = "burst",
+        delta_ms: float = 100.0,
+        quota: int = 1000,
+        retention_days: float = 365.0,
+        clock: Callable[[], float] = time.time,
+        cut_punctuation: str = "。！？!?；;.\n",
+        cut_max_chars: int = 120,
+        cut_idle_s: float | None = 1.0,
+        cancel: Literal["error", "truncate"] = "error",
+        session_timeout_s: float = 600.0,
+        synthesizer: Synthesizer | None = None,
+        backlog: int = 2048,
+    ) -> None:
+        if pacing not in ("burst", "realtime"):
+            raise UsageError(f"pacing must be 'burst' or 'realtime', not {pacing!r}")
+        if cancel not in ("error", "truncate"):
+            raise UsageError(f"cancel must be 'error' or 'truncate', not {cancel!r}")
+        if delta_ms <= 0:
+            raise UsageError("delta_ms must be positive")
+        self.host = host
+        self._port = port
+        self._backend = backend
+        self._synthesizer = synthesizer
+        self._data_dir_opt = Path(data_dir) if data_dir is not None else None
+        self.api_key = api_key or "sk-local-" + secrets.token_hex(16)
+        self._realtime = RealtimeConfig(
+            pacing=pacing, delta_ms=delta_ms, cut_punctuation=cut_punctuation,
+            cut_max_chars=cut_max_chars, cut_idle_s=cut_idle_s, cancel=cancel,
+            session_timeout_s=session_timeout_s,
+        )  # fmt: skip
+        self._enrollment = EnrollmentConfig(quota=quota, retention_s=retention_days * _DAY)
+        self._clock = clock
+        self._backlog = backlog
+        self.faults = Faults()
+        self._counters = Counters()
+        self._extra_keys: list[str] = []
+        self._runner: web.AppRunner | None = None
+        self._store: VoiceStore | None = None
+        self._app: ServerApp | None = None
+        self._tmpdir: Path | None = None
+        self._bound_port: int | None = None
+        self._closed = False
+        self.data_dir: Path | None = None  # set by start(): the voices database lives here
+
+    def __repr__(self) -> str:  # never shows the API key
+        where = self.base_url if self._bound_port is not None else "not started"
+        return f"<LocalServer {where} backend={self._backend}>"
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> LocalServer:
+        """Open the store and listen; returns self."""
+        if self._closed:
+            raise ClosedError("LocalServer is closed")
+        if self._runner is not None:
+            return self
+        try:
+            data_dir = self._data_dir_opt
+            if data_dir is None:
+                self._tmpdir = Path(tempfile.mkdtemp(prefix="tts-stream-server-"))
+                data_dir = self._tmpdir
+            else:
+                data_dir.mkdir(parents=True, exist_ok=True)
+            self.data_dir = data_dir
+            self._store = VoiceStore(
+                data_dir / _DB_NAME,
+                quota=self._enrollment.quota,
+                retention_s=self._enrollment.retention_s,
+            )
+            self._store.purge(now=self._clock())
+            synth = self._synthesizer or make_synthesizer(self._backend)
+            self._app = ServerApp(
+                store=self._store,
+                synthesizer=synth,
+                faults=self.faults,
+                counters=self._counters,
+                clock=self._clock,
+                realtime=self._realtime,
+                enrollment=self._enrollment,
+            )
+            for key in (self.api_key, *self._extra_keys):
+                self._app.add_key(key)
+            self._runner = web.AppRunner(
+                self._app.build(), access_log=None, shutdown_timeout=2.0, handle_signals=False
+            )
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.host, self._port, backlog=self._backlog)
+            await site.start()
+            self._bound_port = int(self._runner.addresses[0][1])
+        except BaseException:
+            await self.aclose()
+            raise
+        log.info("local server listening on %s (backend %s)", self.base_url, self._backend)
+        return self
+
+    async def aclose(self) -> None:
+        """Stop listening, close every session (1001) and the store. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        if self._store is not None:
+            self._store.close()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    async def __aenter__(self) -> LocalServer:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # --- accessors ------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._bound_port is None:
+            raise UsageError("LocalServer is not started")
+        return self._bound_port
+
+    @property
+    def base_url(self) -> str:
+        """``http://HOST:PORT`` (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """The realtime endpoint without query: ``ws://HOST:PORT/api-ws/v1/realtime``."""
+        return "ws" + self.base_url[4:] + REALTIME_PATH
+
+    def add_api_key(self, api_key: str) -> None:
+        """Accept another API key (a separate tenant: it sees only its own voices)."""
+        self._extra_keys.append(api_key)
+        if self._app is not None:
+            self._app.add_key(api_key)
+
+    def stats(self) -> ServerStats:
+        """A snapshot of the counters (connections, sessions, deltas, ...)."""
+        return self._counters.snapshot()
+
+    def purge_expired(self) -> int:
+        """Run the retention purge now (it also runs on every enrollment call)."""
+        if self._store is None:
+            raise UsageError("LocalServer is not started")
+        return self._store.purge(now=self._clock())
+
+
+async def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    backend: str = "espeak",
+    data_dir: str | os.PathLike[str] | None = None,
+    api_key: str | None = None,
+    ready: Callable[[LocalServer], None] | None = None,
+    **options: Any,
+) -> None:
+    """Run a :class:`LocalServer` until cancelled; ``ready(srv)`` is called once listening."""
+    async with LocalServer(
+        host=host, port=port, backend=backend, data_dir=data_dir, api_key=api_key, **options
+    ) as srv:
+        if ready is not None:
+            ready(srv)
+        await asyncio.Event().wait()  # runs until cancelled (SIGINT/SIGTERM in run_serve)
+
+
+def run_serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    backend: str = "espeak",
+    data_dir: str | os.PathLike[str] | None = None,
+    api_key: str | None = None,
+    *,
+    pacing: Literal["burst", "realtime"] = "burst",
+) -> int:
+    """``tts-stream serve``: run until SIGINT/SIGTERM; print the base URL; exit code.
+
+    The API key is ``api_key``, else ``$DASHSCOPE_API_KEY``, else a generated key stored in
+    ``<data_dir>/api_key`` (mode 0600) whose *path* is printed: keys are never printed.
+    """
+    directory = Path(data_dir) if data_dir is not None else default_data_dir()
+    key_file: Path | None = None
+    key = api_key or os.environ.get("DASHSCOPE_API_KEY")
+    if not key:
+        directory.mkdir(parents=True, exist_ok=True)
+        key_file = directory / "api_key"
+        if key_file.exists():
+            key = key_file.read_text().strip()
+        if not key:
+            key = "sk-local-" + secrets.token_hex(16)
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(key + "\n")
+
+    def ready(srv: LocalServer) -> None:
+        print(srv.base_url, flush=True)  # noqa: T201 - the CLI boundary
+        if key_file is not None:
+            print(f"api key in {key_file}", flush=True)  # noqa: T201
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await serve(host=host, port=port, backend=backend, data_dir=directory,
+                        api_key=key, ready=ready, pacing=pacing)  # fmt: skip
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    try:
+        asyncio.run(main())
+    except asyncio.CancelledError:
+        pass
+    except OSError as exc:
+        log.error("cannot serve on %s:%s: %s", host, port, exc)
+        return 1
+    return 0
