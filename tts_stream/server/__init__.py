@@ -145,6 +145,7 @@ class LocalServer:
             )
             self._store.purge(now=self._clock())
             synth = self._synthesizer or make_synthesizer(self._backend)
+            await synth.warm_up()  # so the first session's first audio is not a calibration
             self._app = ServerApp(
                 store=self._store,
                 synthesizer=synth,

@@ -117,6 +117,10 @@ class Synthesizer(Protocol):
         """Yield the speech for ``text`` chunk by chunk (~100 ms each), the first within ms."""
         ...
 
+    async def warm_up(self) -> None:
+        """Do one-time work now (load, calibrate) so the first session does not pay for it."""
+        ...
+
 
 def make_synthesizer(name: str) -> Synthesizer:
     """Build the backend called ``name``: ``"espeak"`` (real speech) or ``"tone"``."""
@@ -371,6 +375,13 @@ class EspeakSynthesizer:
     def __init__(self, *, rate_wpm: int = _DEFAULT_RATE_WPM) -> None:
         self._rate_wpm = rate_wpm
 
+    async def warm_up(self) -> None:
+        """Load libespeak-ng and calibrate both voice variants (~0.3 s, off the event loop)."""
+        engine = await asyncio.to_thread(_engine)
+        loop = asyncio.get_running_loop()
+        for variant in (_FEMALE_VARIANT, _MALE_VARIANT):
+            await loop.run_in_executor(engine.executor, _calibration, variant)
+
     async def stream(
         self, text: str, *, sample_rate: int, language: str | None, profile: VoiceProfile
     ) -> AsyncIterator[PCM16]:
@@ -434,6 +445,9 @@ class ToneSynthesizer:
     """Deterministic speech-like audio at negligible cost, for benchmarks of the engine."""
 
     name = "tone"
+
+    async def warm_up(self) -> None:
+        """Nothing to prepare."""
 
     async def stream(
         self, text: str, *, sample_rate: int, language: str | None, profile: VoiceProfile
