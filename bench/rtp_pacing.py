@@ -1,0 +1,239 @@
+"""RTP pacing: how far actual packet times stray from the 20 ms grid, for 1-200 streams.
+
+Usage::
+
+    .venv/bin/python -m bench.rtp_pacing                  # 1, 50, 200 streams x asyncio, uvloop
+    .venv/bin/python -m bench.rtp_pacing --streams 1 10 --seconds 5 --loops asyncio
+
+Each run opens N :class:`sinks.RtpSink` (PCMU, 24 kHz input resampled to 8 kHz, the engine's
+telephony path) on one event loop, starts the streams at random offsets within one packet
+time (calls do not start in lock-step), feeds 100 ms frames as fast as back-pressure allows,
+and drains. Where it is measured: at a receiving UDP socket in a *separate process* (so the
+receiver takes no GIL or loop time from the sender), using the kernel's receive timestamps
+(``SO_TIMESTAMPNS``), i.e. when the packet reached the receiving socket over loopback. The
+deviation of packet k of a talk spurt is ``(t_k - t_0) - k * ptime``; positive = late.
+Results: one JSON line per run plus one environment line per loop type in
+``bench/results/rtp_pacing.jsonl``; a markdown table on stdout (for bench/README.md).
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a file: make `bench` and `sinks` importable
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
+
+import argparse
+import asyncio
+import multiprocessing
+import multiprocessing.connection
+import os
+import random
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import RESULTS, JsonLines, environment, fmt_ms, run_loop, summarize
+from sinks import RtpSink
+from tts_stream.audio import AudioFormat, Frame
+
+__all__ = ["main"]
+
+PTIME_MS = 20
+RATE_IN = 24000
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+# --- receiver (separate process) --------------------------------------------------------------
+
+
+def _receiver(conn: multiprocessing.connection.Connection) -> None:
+    """Bind, report the port, record (ssrc, seq, marker, kernel ns) until told to stop."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:  # a deep buffer: 200 streams x 50 pps must never overflow while we record
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    conn.send(sock.getsockname()[1])
+    rows: list[tuple[int, int, int, int]] = []
+    stopping = False
+    anc_size = socket.CMSG_SPACE(16)
+    while True:
+        try:
+            data, anc, _flags, _addr = sock.recvmsg(2048, anc_size)
+        except TimeoutError:
+            if stopping:
+                break
+            stopping = conn.poll()
+            continue
+        ns = 0
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = struct.unpack("qq", cdata[:16])
+                ns = sec * 1_000_000_000 + nsec
+        _b0, b1, seq, _ts, ssrc = struct.unpack_from("!BBHII", data)
+        rows.append((ssrc, seq, b1 >> 7, ns))
+    sock.close()
+    conn.send(np.array(rows, dtype=np.int64).reshape(-1, 4))
+
+
+# --- sender --------------------------------------------------------------------------------
+
+
+def tone(seconds: float, rate: int) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+
+
+async def send_streams(port: int, n: int, seconds: float, *, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    audio = tone(seconds, RATE_IN)
+    frames = [audio[i : i + RATE_IN // 10] for i in range(0, len(audio), RATE_IN // 10)]
+    for f in frames:
+        f.flags.writeable = False
+    sinks = [RtpSink("127.0.0.1", port, ssrc=i + 1, ptime_ms=PTIME_MS) for i in range(n)]
+    for s in sinks:
+        await s.open(AudioFormat(RATE_IN))
+    cpu0, wall0 = time.process_time(), time.monotonic()
+
+    async def call(sink: RtpSink) -> None:
+        await asyncio.sleep(rng.uniform(0, PTIME_MS / 1000))  # the call starts at a random phase
+        for f in frames:
+            await sink.write(Frame(f))
+        await sink.drain()
+
+    try:
+        async with asyncio.timeout(seconds * 3 + 30), asyncio.TaskGroup() as tg:
+            for s in sinks:
+                tg.create_task(call(s))
+    finally:
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        for s in sinks:
+            await s.aclose()
+    return {
+        "sender_cpu_s": round(cpu, 3),
+        "wall_s": round(wall, 3),
+        "sender_cpu_pct": round(100 * cpu / wall, 1),
+        "underruns": sum(s.stats().underruns for s in sinks),
+        "packets_sent": sum(s.rtp_stats().packets_sent for s in sinks),
+        "send_errors": sum(s.rtp_stats().send_errors for s in sinks),
+    }
+
+
+def deviations_ms(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per packet: lateness against its talk spurt's grid; per stream: the last packet's."""
+    devs: list[np.ndarray] = []
+    last: list[float] = []
+    for ssrc in np.unique(rows[:, 0]):
+        r = rows[rows[:, 0] == ssrc]
+        seq = np.unwrap(r[:, 1].astype(np.float64), period=65536).astype(np.int64)
+        order = np.argsort(seq, kind="stable")
+        seq, marker, ns = seq[order], r[order, 2], r[order, 3]
+        starts = np.flatnonzero(marker)
+        if not starts.size or starts[0] != 0:
+            starts = np.concatenate([[0], starts])
+        bounds = [*starts.tolist(), len(seq)]
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            k = seq[a:b] - seq[a]
+            dev = (ns[a:b] - ns[a]) / 1e6 - k * PTIME_MS
+            devs.append(dev)
+        last.append(float(devs[-1][-1]))
+    return np.concatenate(devs) if devs else np.zeros(0), np.array(last)
+
+
+def one_run(loop: str, n: int, seconds: float, seed: int) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_receiver, args=(child,), daemon=True)
+    proc.start()
+    try:
+        if not parent.poll(30):
+            raise TimeoutError("receiver did not start")
+        port = parent.recv()
+        sent = run_loop(send_streams(port, n, seconds, seed=seed), loop)
+        parent.send("stop")
+        if not parent.poll(60):
+            raise TimeoutError("receiver did not report")
+        rows: np.ndarray = parent.recv()
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    dev, last = deviations_ms(rows)
+    expected = n * round(seconds * 1000 / PTIME_MS)
+    summary = summarize(dev.tolist())
+    return {
+        "kind": "rtp_pacing",
+        "loop": loop,
+        "streams": n,
+        "seconds": seconds,
+        "ptime_ms": PTIME_MS,
+        "codec": "pcmu",
+        "input_rate": RATE_IN,
+        "measured_at": "receiver socket, separate process, kernel SO_TIMESTAMPNS",
+        "packets_received": int(len(rows)),
+        "packets_expected": expected,
+        "deviation_ms": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in
+                         summary.items()},  # fmt: skip
+        "min_deviation_ms": round(float(dev.min()), 3) if dev.size else None,
+        "max_abs_drift_ms": round(float(np.abs(last).max()), 3) if last.size else None,
+        "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        **sent,
+    }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| loop | streams | packets rx/expected | p50 ms | p99 ms | max ms | min ms "
+        "| last-packet drift ms | underruns | sender CPU % | load 1 min |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    rows = [
+        f"| {r['loop']} | {r['streams']} | {r['packets_received']}/{r['packets_expected']} "
+        f"| {fmt_ms(r['deviation_ms']['p50'])} | {fmt_ms(r['deviation_ms']['p99'])} "
+        f"| {fmt_ms(r['deviation_ms']['max'])} | {fmt_ms(r['min_deviation_ms'])} "
+        f"| {fmt_ms(r['max_abs_drift_ms'])} | {r['underruns']} | {r['sender_cpu_pct']} "
+        f"| {r['loadavg_1min_before_after'][0]} |"
+        for r in results
+    ]
+    return "\n".join([head, *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 50, 200])
+    p.add_argument("--seconds", type=float, default=10.0, help="audio per stream")
+    p.add_argument("--loops", nargs="+", default=["asyncio", "uvloop"],
+                   choices=["asyncio", "uvloop"])  # fmt: skip
+    p.add_argument("--out", type=Path, default=RESULTS / "rtp_pacing.jsonl")
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args(argv)
+    results = []
+    with JsonLines(args.out) as out:
+        for loop in args.loops:
+            out.write(environment(loop=loop, bench="rtp_pacing"))
+            for n in args.streams:
+                r = one_run(loop, n, args.seconds, args.seed)
+                out.write(r)
+                results.append(r)
+                print(f"{loop:8s} {n:4d} streams: p50 {r['deviation_ms']['p50']} ms, "
+                      f"p99 {r['deviation_ms']['p99']} ms, max {r['deviation_ms']['max']} ms",
+                      flush=True)  # fmt: skip
+    print()
+    print(table(results))
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
