@@ -259,7 +259,9 @@ def build_sinks(args: argparse.Namespace) -> list[Any]:
         host, _, port = args.rtp.rpartition(":")
         if not host or not port.isdigit():
             raise UsageError(f"--rtp wants HOST:PORT, got {args.rtp!r}")
-        rtp = RtpSink(host, int(port), codec=args.codec)
+        # L16 runs at the session's rate; give it now so the SDP can be written before open.
+        clock = (getattr(args, "rate", None) or 24000) if args.codec == "l16" else None
+        rtp = RtpSink(host, int(port), codec=args.codec, clock_rate=clock)
         if args.sdp:
             args.sdp.write_text(rtp.sdp())
         out.append(rtp)

@@ -1,0 +1,129 @@
+"""Fan-out with real sinks (ArraySink, WavSink): ordering, bounded queues, per-sink policy,
+interrupt, and who opens/closes the sinks."""
+
+from __future__ import annotations
+
+import asyncio
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sinks import ArraySink, SinkState, WavSink
+from tts_stream.audio import AudioFormat, Frame
+from tts_stream.errors import ClosedError, UsageError
+from tts_stream.fanout import Fanout, Policy
+
+TIMEOUT = 10.0
+FMT = AudioFormat(24000)
+
+
+def frames(n: int, size: int = 2400) -> list[Frame]:
+    return [
+        Frame(np.full(size, i, dtype=np.int16), offset=i * size, response_id="r") for i in range(n)
+    ]
+
+
+async def test_every_sink_gets_every_frame_in_order(tmp_path: Path) -> None:
+    arr = ArraySink(max_blocks=1000)
+    wav = WavSink(tmp_path / "x.wav")
+    fs = frames(10)
+    async with asyncio.timeout(TIMEOUT):
+        async with Fanout([arr, wav], FMT) as fan:
+            assert fan.names == ("array", f"wav:{tmp_path / 'x.wav'}")
+            for f in fs:
+                await fan.write(f)
+            await fan.drain()
+        got = await arr.read_all(within=TIMEOUT)
+    expected = np.concatenate([f.samples for f in fs])
+    assert np.array_equal(got, expected)
+    with wave.open(str(tmp_path / "x.wav"), "rb") as w:
+        assert np.array_equal(np.frombuffer(w.readframes(w.getnframes()), "<i2"), expected)
+    assert arr.state is SinkState.CLOSED and wav.state is SinkState.CLOSED  # opened here
+
+
+async def test_lossless_queue_is_bounded_and_loses_nothing() -> None:
+    arr = ArraySink(max_blocks=1)
+    fs = frames(30)
+    async with asyncio.timeout(TIMEOUT):
+        async with Fanout([arr], FMT, max_buffered_ms=300) as fan:
+            async with asyncio.TaskGroup() as tg:
+
+                async def writer() -> None:
+                    for f in fs:
+                        await fan.write(f)
+
+                w = tg.create_task(writer())
+                got = [await arr.get() for _ in fs]
+                await w
+            (lane,) = fan.stats()
+    assert lane.capacity_samples == FMT.samples(300)
+    assert 0 < lane.peak_queued_samples <= lane.capacity_samples
+    assert lane.dropped_frames == 0 and lane.samples_out == 30 * 2400
+    assert [int(b[0]) for b in got if b is not None] == list(range(30))
+
+
+async def test_slow_lossy_sink_never_stalls_the_others() -> None:
+    main = ArraySink(max_blocks=1000, name="main")
+    monitor = ArraySink(max_blocks=1, name="monitor")  # nobody ever reads it
+    async with asyncio.timeout(TIMEOUT):
+        async with Fanout(
+            [main, monitor], FMT, policies={"monitor": Policy.DROP_OLDEST},
+            max_buffered_ms=200, lossy_buffered_ms=200,
+        ) as fan:  # fmt: skip
+            for f in frames(50):
+                await fan.write(f)  # never blocks on the monitor
+            stats = {s.name: s for s in fan.stats()}
+            got = [await main.get() for _ in range(50)]
+    assert [int(b[0]) for b in got if b is not None] == list(range(50))
+    mon = stats["monitor"]
+    assert mon.policy is Policy.DROP_OLDEST and mon.dropped_frames > 0
+    assert mon.peak_queued_samples <= mon.capacity_samples
+    assert stats["main"].dropped_frames == 0
+
+
+async def test_interrupt_clears_queues_and_reports_played() -> None:
+    arr = ArraySink(max_blocks=2)
+    async with asyncio.timeout(TIMEOUT), Fanout([arr], FMT) as fan:
+        for f in frames(5):
+            await fan.write(f)
+        first = await arr.get()
+        assert first is not None
+        played = await fan.interrupt()
+        assert played == {"array": 2400}
+        assert fan.stats()[0].queued_samples == 0 and arr.queued_blocks == 0
+        await fan.write(frames(1)[0])  # still usable after a barge-in
+        assert (await arr.get()) is not None
+
+
+async def test_caller_opened_sinks_stay_open(tmp_path: Path) -> None:
+    arr = ArraySink(max_blocks=10)
+    await arr.open(FMT)
+    async with asyncio.timeout(TIMEOUT):
+        async with Fanout([arr], FMT) as fan:
+            await fan.write(frames(1)[0])
+            await fan.drain()
+        assert arr.state is SinkState.OPEN
+        await arr.aclose()
+    with pytest.raises(ClosedError):
+        await fan.write(frames(1)[0])
+
+
+async def test_caller_opened_sink_must_match_the_format() -> None:
+    arr = ArraySink()
+    await arr.open(AudioFormat(8000))
+    with pytest.raises(UsageError, match="8000"):
+        async with Fanout([arr], FMT):
+            pass
+    assert arr.state is SinkState.OPEN  # not ours to close
+    await arr.aclose()
+
+
+async def test_names_and_policies_are_validated() -> None:
+    with pytest.raises(UsageError):
+        Fanout([], FMT)
+    with pytest.raises(UsageError, match="nope"):
+        Fanout([ArraySink()], FMT, policies={"nope": Policy.DROP_OLDEST})
+    fan = Fanout([ArraySink(), ArraySink()], FMT)
+    assert fan.names == ("array", "array#2")

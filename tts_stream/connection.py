@@ -1,0 +1,438 @@
+"""One realtime WebSocket session, driving the pure state machine of :mod:`.protocol`.
+
+Role: the thin I/O shell around :class:`~tts_stream.protocol.ClientSession`. It opens
+``wss://…/api-ws/v1/realtime?model=…`` with the headers of protocol.md §3.2
+(``websockets``, ``compression=None`` because deflate costs ~8x CPU on base64 audio, and a
+``max_size`` that fits large audio deltas), sends ``session.update`` and waits for
+``session.updated`` (§6.4). One reader task, inside a TaskGroup owned by this object's async
+context manager, feeds every frame to the state machine, decodes audio deltas on the hot path
+(orjson + pybase64 with ``validate=True``) into :class:`~tts_stream.audio.Frame` objects and
+hands them, with the other notifications, to the consumer through a *bounded* anyio memory
+stream: when the consumer is slow, the reader stops reading and TCP flow control pushes back
+on the server.
+
+Boundary: third-party exceptions (websockets, OSError) are translated here into the
+:mod:`~tts_stream.errors` tree; this module knows nothing about sinks, pools or retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import anyio
+import numpy as np
+import orjson
+import pybase64
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from . import messages as m
+from . import protocol as p
+from .audio import Frame
+from .config import Endpoint
+from .errors import (
+    ClosedError,
+    ConnectionFailed,
+    ConnectionLost,
+    HandshakeRejected,
+    ProtocolViolation,
+    ServerError,
+    Timeout,
+    redact,
+    server_error,
+)
+
+__all__ = ["MAX_MESSAGE_BYTES", "Audio", "Connection", "Item", "ResponseBegan"]
+
+log = logging.getLogger(__name__)
+_ws_log = logging.getLogger(__name__ + ".ws")  # websockets' own frame/handshake trace
+
+# 16 MiB: a whole second of 48 kHz PCM is 128 kB of base64; the default 1 MiB would refuse a
+# long delta from a server that sends big chunks (research/feasibility.md §7).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_ABORT_CLOSE_TIMEOUT_S = 0.25
+
+
+@dataclass(frozen=True, eq=False)
+class Audio(p.Notification):
+    """A decoded audio delta: the frame, plus the server's send stamp when it adds one.
+
+    ``server_sent_at`` is the delta's ``x_sent_monotonic`` key (a local-server fault knob for
+    benchmarks; same host, same monotonic clock), else ``None``.
+    """
+
+    frame: Frame
+    server_sent_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ResponseBegan(p.Notification):
+    """``response.created``, stamped with the monotonic time the reader received it."""
+
+    response_id: str
+    received_at: float
+
+
+Item = p.Notification  # what comes out of Connection.events: Audio or another notification
+
+
+class Connection:
+    """One realtime session over one WebSocket (single use: the server closes it at the end).
+
+    ``async with Connection(endpoint, model=..., session={...}) as conn`` connects, configures
+    and returns once ``session.updated`` arrived; then ``append``/``commit``/``clear``/
+    ``finish`` send text events and ``events`` yields :class:`Audio` and the other
+    :mod:`~tts_stream.protocol` notifications, ending when the socket closes.
+
+    Raises on enter: :class:`~tts_stream.errors.AuthenticationError` (HTTP 401/403),
+    :class:`~tts_stream.errors.RateLimited` (429), :class:`HandshakeRejected` (other
+    statuses), :class:`Timeout`, :class:`ConnectionFailed`, or the
+    :class:`~tts_stream.errors.ServerError` that refused the configuration.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        model: str,
+        session: Mapping[str, Any],
+        open_timeout: float = 10.0,
+        configure_timeout: float = 10.0,
+        close_timeout: float = 2.0,
+        max_size: int = MAX_MESSAGE_BYTES,
+        channel_size: int = 64,
+    ) -> None:
+        self.endpoint = endpoint
+        self.model = model
+        self.protocol = p.ClientSession(config=session)
+        self.sample_rate = int(session.get("sample_rate", 24000))
+        self._open_timeout = open_timeout
+        self._configure_timeout = configure_timeout
+        self._close_timeout = close_timeout
+        self._max_size = max_size
+        self._channel_size = channel_size
+        self._ws: ClientConnection | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._send_ch: MemoryObjectSendStream[Item] | None = None
+        self._recv_ch: MemoryObjectReceiveStream[Item] | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._setup_error: BaseException | None = None
+        self._samples = 0
+        self._closing = False
+        self.opened_at: float | None = None  # monotonic time the session became READY
+        # Called (synchronously, from the reader) when the socket has closed; the pool uses
+        # it to wake the keeper of an idle spare the server closed.
+        self.on_closed: Callable[[], None] | None = None
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Connection:
+        if self._stack is not None:
+            raise ClosedError("a Connection is single-use")
+        stack = self._stack = contextlib.AsyncExitStack()
+        try:
+            self._ws = await self._connect()
+            send, recv = anyio.create_memory_object_stream[Item](self._channel_size)
+            self._send_ch, self._recv_ch = send, recv
+            tg = await stack.enter_async_context(asyncio.TaskGroup())
+            # LIFO: on exit the socket closes first, so the reader ends and the group exits.
+            stack.push_async_callback(self.aclose)
+            self._reader_task = tg.create_task(self._reader(), name="tts-stream-ws-reader")
+            await self._send(self.protocol.update())
+            await self._wait_configured()
+        except BaseException:
+            await stack.aclose()
+            raise
+        self.opened_at = time.monotonic()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._stack is not None:
+            await self._stack.aclose()
+
+    async def aclose(self) -> None:
+        """Close the socket (code 1000) without finishing the session. Idempotent."""
+        if self._closing:
+            await self._wait_reader()
+            return
+        self._closing = True
+        if self._recv_ch is not None:
+            # Nobody reads any more: a reader blocked on a full channel must not hold the close.
+            self._recv_ch.close()
+        ws = self._ws
+        if ws is not None:
+            if not self.protocol.complete:
+                # Retiring a live session (barge-in, abort): audio may be queued unread, so
+                # the server's close frame can sit behind it; do not wait long for it.
+                ws.close_timeout = min(self._close_timeout, _ABORT_CLOSE_TIMEOUT_S)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(1000, "bye"), self._close_timeout + 1.0)
+        await self._wait_reader()
+
+    async def _wait_reader(self) -> None:
+        task = self._reader_task
+        if task is None or task.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self._close_timeout + 1.0)
+        except TimeoutError:
+            # The reader is stuck handing an item to a consumer that is gone.
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> p.State:
+        return self.protocol.state
+
+    @property
+    def is_usable(self) -> bool:
+        """Configured, no text sent yet and the socket still open: fit to be handed out."""
+        return self.state is p.State.READY and not self._closed.is_set() and not self._closing
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        """Return when the socket has closed (the reader ended)."""
+        await self._closed.wait()
+
+    @property
+    def events(self) -> MemoryObjectReceiveStream[Item]:
+        """The bounded stream of :class:`Audio` and protocol notifications."""
+        if self._recv_ch is None:
+            raise ClosedError("connection not open")
+        return self._recv_ch
+
+    # --- client events ------------------------------------------------------------------------
+
+    async def append(self, text: str) -> None:
+        await self._send(self.protocol.append(text))
+
+    async def commit(self) -> None:
+        await self._send(self.protocol.commit())
+
+    async def clear(self) -> None:
+        await self._send(self.protocol.clear())
+
+    async def finish(self) -> None:
+        await self._send(self.protocol.finish())
+
+    def retire_current(self) -> str | None:
+        """Drop every later delta of the response in progress (barge-in)."""
+        return self.protocol.retire_current()
+
+    async def _send(self, event: m.ClientEvent) -> None:
+        ws = self._ws
+        if ws is None or self._closing:
+            raise ClosedError("connection is closed")
+        try:
+            await ws.send(m.dumps(event))
+        except ConnectionClosed as exc:
+            code, reason = _close_info(exc)
+            raise ConnectionLost(
+                f"connection closed while sending {event.type} (code {code})",
+                code=code,
+                reason=reason,
+            ) from exc
+
+    # --- connect + configure ------------------------------------------------------------------
+
+    async def _connect(self) -> ClientConnection:
+        url = self.endpoint.ws_url(self.model)
+        try:
+            return await connect(
+                url,
+                additional_headers=self.endpoint.headers(),
+                compression=None,
+                max_size=self._max_size,
+                open_timeout=self._open_timeout,
+                close_timeout=self._close_timeout,
+                user_agent_header=None,  # Endpoint.headers() carries ours
+                ping_interval=20.0,
+                ping_timeout=20.0,
+                logger=_RedactingLogger(_ws_log, self.endpoint.api_key),
+            )
+        except InvalidStatus as exc:
+            raise _handshake_error(exc) from exc
+        except TimeoutError as exc:
+            raise Timeout("the WebSocket handshake", self._open_timeout) from exc
+        except (InvalidHandshake, OSError) as exc:
+            raise ConnectionFailed(f"cannot connect to {self.endpoint.ws_base}: {exc}") from exc
+
+    async def _wait_configured(self) -> None:
+        try:
+            async with asyncio.timeout(self._configure_timeout):
+                await self._ready.wait()
+        except TimeoutError as exc:
+            raise Timeout("session.updated", self._configure_timeout) from exc
+        if self._setup_error is not None:
+            raise self._setup_error
+
+    # --- reader -------------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        ws, send = self._ws, self._send_ch
+        assert ws is not None and send is not None
+        code: int | None = None
+        reason = ""
+        try:
+            async for raw in ws:
+                if not isinstance(raw, str):
+                    log.warning("ignoring a binary frame (%d bytes): text only", len(raw))
+                    continue
+                for note in self._handle(raw):
+                    await send.send(note)
+            code, reason = _close_info_ws(ws)
+        except ConnectionClosed as exc:
+            code, reason = _close_info(exc)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            code, reason = _close_info_ws(ws)  # the consumer went away: nothing to deliver
+        except ProtocolViolation as exc:
+            log.warning("protocol violation, closing: %s", exc)
+            self._fail_setup(exc)
+            with contextlib.suppress(Exception):
+                await ws.close(1002, "protocol violation")
+            code, reason = 1002, str(exc)
+        except Exception as exc:  # never let the reader crash its owner's TaskGroup
+            log.exception("realtime reader failed")
+            self._fail_setup(ConnectionFailed(f"reader failed: {exc!r}"))
+            code, reason = 1011, repr(exc)
+        finally:
+            self.close_code, self.close_reason = code, reason
+            self._closed.set()
+            if self.on_closed is not None:
+                self.on_closed()
+            notes = self.protocol.connection_closed(code, reason)
+            if not self._ready.is_set():
+                self._fail_setup(
+                    ConnectionLost(
+                        f"connection closed before session.updated (code {code})",
+                        code=code,
+                        reason=reason,
+                    )
+                )
+            with contextlib.suppress(
+                anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock
+            ):
+                for note in notes:
+                    send.send_nowait(note)
+            send.close()
+
+    def _handle(self, raw: str) -> list[Item]:
+        """Parse one frame and run it through the state machine (the per-delta hot path)."""
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ProtocolViolation(f"frame is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+            raise ProtocolViolation("frame is not an event object with a string 'type'")
+        cls = m.SERVER_EVENTS.get(data["type"])
+        if cls is None:
+            log.debug("ignoring unknown event type %r", data["type"])
+            return []
+        event: m.ServerEvent = cls.from_dict(data)
+        out: list[Item] = []
+        for note in self.protocol.receive(event):
+            if isinstance(note, p.AudioReceived):
+                out.append(self._decode(note))
+            elif isinstance(note, p.ResponseStarted):
+                out.append(ResponseBegan(note.response_id, time.monotonic()))
+            elif isinstance(note, p.Configured):
+                self._ready.set()
+            elif isinstance(note, p.ServerFailure):
+                if note.fatal and not self._ready.is_set():
+                    msg = note.message or "session refused"
+                    self._fail_setup(server_error(msg, code=note.code))
+                out.append(note)
+            elif isinstance(note, p.Ignored):
+                log.debug("ignored %s: %s", note.type, note.why)
+            elif not isinstance(note, p.Created):
+                out.append(note)
+        return out
+
+    def _decode(self, note: p.AudioReceived) -> Audio:
+        try:
+            data = pybase64.b64decode(note.delta, validate=True)
+        except ValueError as exc:
+            raise ProtocolViolation(f"audio delta is not valid base64: {exc}") from exc
+        if len(data) % 2:
+            raise ProtocolViolation(f"PCM16 delta has an odd number of bytes ({len(data)})")
+        samples = np.frombuffer(data, dtype="<i2")
+        frame = Frame(samples, self._samples, note.response_id, time.monotonic())
+        self._samples += int(samples.shape[0])
+        stamp = note.extra.get("x_sent_monotonic")
+        return Audio(frame, float(stamp) if isinstance(stamp, int | float) else None)
+
+    def _fail_setup(self, exc: BaseException) -> None:
+        if not self._ready.is_set():
+            self._setup_error = exc
+            self._ready.set()
+
+
+class _RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger handed to websockets: its DEBUG handshake trace prints every request
+    header, ``Authorization: Bearer sk-...`` included; the key is replaced before logging."""
+
+    def __init__(self, logger: logging.Logger, secret: str | None) -> None:
+        super().__init__(logger, {})
+        self._secret = secret
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if self.isEnabledFor(level):
+            text = str(msg) % args if args else str(msg)
+            self.logger.log(level, "%s", redact(text, self._secret), **kwargs)
+
+
+def _close_info(exc: ConnectionClosed) -> tuple[int | None, str]:
+    if exc.rcvd is not None:
+        return exc.rcvd.code, exc.rcvd.reason
+    return 1006, "connection dropped without a close frame"
+
+
+def _close_info_ws(ws: ClientConnection) -> tuple[int | None, str]:
+    code = ws.close_code
+    return (code if code is not None else 1006), ws.close_reason or ""
+
+
+def _handshake_error(exc: InvalidStatus) -> ServerError | HandshakeRejected:
+    status = exc.response.status_code
+    code: str | None = None
+    message = ""
+    request_id: str | None = None
+    try:
+        body = orjson.loads(exc.response.body or b"")
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict):
+        code = body.get("code") if isinstance(body.get("code"), str) else None
+        message = str(body.get("message") or body.get("msg") or "")
+        request_id = body.get("request_id") if isinstance(body.get("request_id"), str) else None
+    if status in (401, 403, 429):
+        return server_error(
+            message or f"WebSocket handshake rejected with HTTP {status}",
+            code=code,
+            status=status,
+            request_id=request_id,
+        )
+    return HandshakeRejected(status, message, code=code)

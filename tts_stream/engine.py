@@ -1,0 +1,257 @@
+"""The Engine: the facade users hold (``async with Engine() as engine``).
+
+Role: composition root of the library. It resolves the :class:`~tts_stream.config.Endpoint`,
+owns the aiohttp ``ClientSession`` (for :attr:`Engine.voices`, the enrollment client), the
+warm-spare :class:`~tts_stream.pool.Pool` of realtime sessions and the bounded metrics
+history, and creates a :class:`~tts_stream.speech.Speech` per utterance. A voice is only
+ever streamed with the model it was enrolled for: a mismatch raises
+:class:`~tts_stream.errors.ModelMismatch` before anything is sent (protocol.md §5.1, §6.9).
+
+Boundary: never imports ``sinks`` (callers pass sink objects) and never changes the event
+loop policy; :func:`run` is the helper for entry points that want uvloop when installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import aiohttp
+
+from .audio import Sink
+from .config import Endpoint
+from .enrollment import Voice, Voices
+from .errors import ClosedError, ModelMismatch, UsageError
+from .fanout import Policy
+from .messages import MODES, SAMPLE_RATES
+from .metrics import History, UtteranceMetrics
+from .pool import Pool, PoolKey, PoolStats
+from .samples import SampleReport, inspect_sample
+from .speech import Speech, SpeechOptions
+
+__all__ = ["Engine", "run"]
+
+T = TypeVar("T")
+
+
+def run(main: Callable[[], Coroutine[Any, Any, T]] | Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` (a coroutine or a coroutine function) on uvloop if installed, else asyncio.
+
+    For entry points (CLI, benchmarks, scripts); the library itself never touches the loop
+    policy.
+    """
+    coro = main() if callable(main) else main
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    result: T = uvloop.run(coro)
+    return result
+
+
+class Engine:
+    """Voice enrollment plus real-time speech to sinks.
+
+    ``api_key`` defaults to ``$DASHSCOPE_API_KEY``; ``region`` is ``"intl"`` or ``"cn"``;
+    ``base_url`` (e.g. a :class:`~tts_stream.server.LocalServer`'s) wins over the region.
+    ``pool_size`` warm spares are kept per (model, voice, format, rate, mode) once used;
+    ``max_idle_s`` replaces a spare before the service's idle limit. ``speech`` holds the
+    default :class:`~tts_stream.speech.SpeechOptions` of every utterance.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        region: str = "intl",
+        base_url: str | None = None,
+        workspace: str | None = None,
+        pool_size: int = 1,
+        max_idle_s: float = 45.0,
+        dial_concurrency: int = 4,
+        open_timeout: float = 10.0,
+        configure_timeout: float = 10.0,
+        http_timeout: float = 30.0,
+        history: int = 1000,
+        speech: SpeechOptions = SpeechOptions(),  # noqa: B008 - frozen
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.endpoint = Endpoint.resolve(
+            api_key=api_key, region=region, base_url=base_url, workspace=workspace, env=env
+        )
+        self.speech_options = speech
+        self.history = History(history)
+        self._pool_opts: dict[str, Any] = {
+            "size": pool_size,
+            "max_idle_s": max_idle_s,
+            "dial_concurrency": dial_concurrency,
+            "open_timeout": open_timeout,
+            "configure_timeout": configure_timeout,
+        }
+        self._http_timeout = http_timeout
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._pool: Pool | None = None
+        self._voices: Voices | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"Engine({self.endpoint!r})"
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        if self._stack is not None:
+            raise ClosedError("an Engine is single-use; create a new one")
+        stack = self._stack = contextlib.AsyncExitStack()
+        try:
+            http = await stack.enter_async_context(aiohttp.ClientSession())
+            self._voices = Voices(http, self.endpoint, timeout=self._http_timeout)
+            self._pool = await stack.enter_async_context(Pool(self.endpoint, **self._pool_opts))
+        except BaseException:
+            await stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Finish the spare sessions gracefully and close the HTTP session. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._stack is not None:
+            await self._stack.aclose()
+
+    # --- enrollment ---------------------------------------------------------------------------
+
+    @property
+    def voices(self) -> Voices:
+        """The voice enrollment client (create / list / all / count / delete)."""
+        if self._voices is None or self._closed:
+            raise ClosedError("use the Engine inside `async with Engine(...) as engine`")
+        return self._voices
+
+    @staticmethod
+    def check_sample(source: str | os.PathLike[str] | bytes) -> SampleReport:
+        """Check a clone sample locally against every enrollment rule (no network)."""
+        return inspect_sample(source)
+
+    # --- speech -------------------------------------------------------------------------------
+
+    def _pool_or_raise(self) -> Pool:
+        if self._pool is None or self._closed:
+            raise ClosedError("use the Engine inside `async with Engine(...) as engine`")
+        return self._pool
+
+    @staticmethod
+    def pool_key(
+        voice: Voice | str,
+        *,
+        model: str | None = None,
+        mode: str = "server_commit",
+        sample_rate: int = 24000,
+        response_format: str = "pcm",
+        **session: Any,
+    ) -> PoolKey:
+        """The pool key of a session; raises :class:`ModelMismatch` / :class:`UsageError`."""
+        if isinstance(voice, Voice):
+            name, enrolled = voice.name, voice.target_model
+        elif isinstance(voice, str) and voice:
+            name, enrolled = voice, None
+        else:
+            raise UsageError(f"voice must be a Voice or a voice name, got {voice!r}")
+        if model is None:
+            if enrolled is None:
+                raise UsageError(
+                    f"model is required for voice {name!r}: its target_model is unknown "
+                    "(pass model=... or a Voice from engine.voices)"
+                )
+            model = enrolled
+        elif enrolled is not None and enrolled != model:
+            raise ModelMismatch(name, enrolled, model)
+        if mode not in MODES:
+            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if sample_rate not in SAMPLE_RATES:
+            rates = ", ".join(map(str, SAMPLE_RATES))
+            raise UsageError(f"sample_rate must be one of {rates}, got {sample_rate!r}")
+        if response_format != "pcm":
+            raise UsageError("only response_format='pcm' can feed sinks")
+        return PoolKey.make(
+            model=model, voice=name, response_format=response_format,
+            sample_rate=sample_rate, mode=mode, **session,
+        )  # fmt: skip
+
+    def speak(
+        self,
+        voice: Voice | str,
+        *,
+        sinks: Sequence[Sink],
+        model: str | None = None,
+        mode: str = "server_commit",
+        sample_rate: int = 24000,
+        first_commit: Literal["clause"] | None = None,
+        policies: Mapping[str, Policy] | None = None,
+        options: SpeechOptions | None = None,
+        **session: Any,
+    ) -> Speech:
+        """A :class:`~tts_stream.speech.Speech` to use with ``async with``.
+
+        ``model`` defaults to ``voice.target_model`` (a mismatch raises
+        :class:`~tts_stream.errors.ModelMismatch` here, before connecting); a plain voice
+        name needs ``model``. ``**session`` adds ``session.update`` keys (``language_type``,
+        ``speech_rate``, ``volume``, ``pitch_rate``...). ``policies`` maps sink names to a
+        fan-out :class:`~tts_stream.fanout.Policy`.
+        """
+        pool = self._pool_or_raise()
+        key = self.pool_key(voice, model=model, mode=mode, sample_rate=sample_rate, **session)
+        opts = options or self.speech_options
+        changes: dict[str, Any] = {}
+        if first_commit is not None:
+            changes["first_commit"] = first_commit
+        if policies is not None:
+            changes["policies"] = dict(policies)
+        if changes:
+            opts = dataclasses.replace(opts, **changes)
+        return Speech(pool=pool, key=key, sinks=sinks, options=opts, on_done=self.history.add)
+
+    async def say(
+        self, voice: Voice | str, text: str, *, sinks: Sequence[Sink], **kwargs: Any
+    ) -> UtteranceMetrics:
+        """Speak ``text`` to ``sinks`` and wait until every sink has it; return the metrics."""
+        speech = self.speak(voice, sinks=sinks, **kwargs)
+        async with speech:
+            await speech.push(text)
+        return speech.metrics
+
+    async def prewarm(
+        self,
+        voice: Voice | str,
+        n: int = 1,
+        *,
+        model: str | None = None,
+        mode: str = "server_commit",
+        sample_rate: int = 24000,
+        **session: Any,
+    ) -> None:
+        """Keep ``n`` configured spare sessions for this voice ready; returns once they are."""
+        key = self.pool_key(voice, model=model, mode=mode, sample_rate=sample_rate, **session)
+        await self._pool_or_raise().prewarm(key, n)
+
+    def pool_stats(self) -> PoolStats:
+        """Counters of the warm-spare pool."""
+        return self._pool_or_raise().stats()
+
+    def spares(self, voice: Voice | str, **kwargs: Any) -> int:
+        """Warm spares ready now for the session ``speak(voice, **kwargs)`` would use."""
+        return self._pool_or_raise().spares(self.pool_key(voice, **kwargs))

@@ -1,0 +1,374 @@
+"""Fan-out: one stream of frames to many sinks, each behind its own bounded queue.
+
+Role: the speech writes each decoded :class:`~tts_stream.audio.Frame` once; every sink gets it
+through its own queue, drained by its own task (all tasks in a TaskGroup owned by
+:class:`Fanout`'s async context manager). Per sink a :class:`Policy`:
+
+* ``LOSSLESS`` (default): when the queue is full, :meth:`Fanout.write` waits. That wait is
+  the back-pressure that travels up to the WebSocket reader and, through TCP, to the server.
+* ``DROP_OLDEST``: when the queue is full the oldest queued frame is dropped and counted; for
+  monitoring sinks that must never stall the others.
+
+Queues are bounded in *samples* (milliseconds of audio), so memory is bounded by
+configuration, never by the length of an utterance. Boundary: knows the
+:class:`~tts_stream.audio.Sink` protocol only; never imports ``sinks``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections import deque
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from .audio import AudioFormat, Frame, Sink, SinkStats
+from .errors import ClosedError, Timeout, UsageError
+
+__all__ = ["Fanout", "LaneStats", "Policy"]
+
+log = logging.getLogger(__name__)
+
+
+class Policy(enum.Enum):
+    """What a sink's queue does when it is full."""
+
+    LOSSLESS = "lossless"  # the writer waits (back-pressure)
+    DROP_OLDEST = "drop_oldest"  # the oldest queued frame is dropped and counted
+
+
+@dataclass(frozen=True)
+class LaneStats:
+    """A snapshot of one sink's queue."""
+
+    name: str
+    policy: Policy
+    capacity_samples: int
+    queued_samples: int
+    peak_queued_samples: int
+    frames_in: int
+    samples_in: int
+    samples_out: int
+    dropped_frames: int
+    dropped_samples: int
+    failed: str | None
+
+
+class _Lane:
+    """One sink's bounded queue plus its counters (single producer, single consumer)."""
+
+    def __init__(self, sink: Sink, name: str, policy: Policy, capacity: int) -> None:
+        self.sink, self.name, self.policy, self.capacity = sink, name, policy, capacity
+        self.frames: deque[Frame] = deque()
+        self.queued = 0
+        self.peak = 0
+        self.frames_in = self.samples_in = self.samples_out = 0
+        self.dropped_frames = self.dropped_samples = 0
+        self.ended = False
+        self.failed: str | None = None
+        self.busy = False  # a write into the sink is in progress
+        self._data = asyncio.Event()
+        self._space = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def _push(self, frame: Frame) -> None:
+        self.frames.append(frame)
+        n = len(frame)
+        self.queued += n
+        self.frames_in += 1
+        self.samples_in += n
+        self.peak = max(self.peak, self.queued)
+        self._idle.clear()
+        self._data.set()
+
+    def _fits(self, n: int) -> bool:
+        return not self.frames or self.queued + n <= self.capacity
+
+    async def put(self, frame: Frame) -> None:
+        if self.failed is not None or self.ended:
+            self.dropped_frames += 1
+            self.dropped_samples += len(frame)
+            return
+        n = len(frame)
+        if self.policy is Policy.DROP_OLDEST:
+            while not self._fits(n):
+                old = self.frames.popleft()
+                self.queued -= len(old)
+                self.dropped_frames += 1
+                self.dropped_samples += len(old)
+        else:
+            while not self._fits(n):
+                self._space.clear()
+                await self._space.wait()
+                if self.failed is not None:
+                    return
+        self._push(frame)
+
+    async def get(self) -> Frame | None:
+        """Next frame, or ``None`` once the lane ended and is empty."""
+        while not self.frames:
+            if self.ended:
+                return None
+            self._idle.set()
+            self._data.clear()
+            await self._data.wait()
+        frame = self.frames.popleft()
+        self.queued -= len(frame)
+        self._space.set()
+        return frame
+
+    def clear(self) -> int:
+        """Drop everything queued (barge-in); returns the samples dropped."""
+        n = self.queued
+        self.frames.clear()
+        self.queued = 0
+        self._space.set()
+        return n
+
+    def end(self) -> None:
+        self.ended = True
+        self._data.set()
+        self._space.set()
+
+    async def wait_idle(self) -> None:
+        while self.frames or self.busy:
+            self._idle.clear()
+            await self._idle.wait()
+
+    def mark_idle(self) -> None:
+        if not self.frames:
+            self._idle.set()
+
+    def stats(self) -> LaneStats:
+        return LaneStats(
+            name=self.name,
+            policy=self.policy,
+            capacity_samples=self.capacity,
+            queued_samples=self.queued,
+            peak_queued_samples=self.peak,
+            frames_in=self.frames_in,
+            samples_in=self.samples_in,
+            samples_out=self.samples_out,
+            dropped_frames=self.dropped_frames,
+            dropped_samples=self.dropped_samples,
+            failed=self.failed,
+        )
+
+
+def _is_open(sink: Sink) -> bool:
+    """Whether the caller opened the sink already.
+
+    The Sink protocol has no such query; sinks built on ``sinks._base.BaseSink`` expose a
+    ``state`` enum (``OPEN``), others may expose a boolean ``is_open``.
+    """
+    flag = getattr(sink, "is_open", None)
+    if flag is not None:
+        return bool(flag() if callable(flag) else flag)
+    state = getattr(sink, "state", None)
+    return getattr(state, "name", None) == "OPEN"
+
+
+class Fanout:
+    """Frames to sinks: ``async with Fanout(sinks, fmt) as fan: await fan.write(frame)``.
+
+    On enter, sinks that are not open yet are opened with ``fmt`` (and closed again on exit);
+    sinks the caller opened stay open. ``policies`` maps a sink *name* to a :class:`Policy`;
+    ``max_buffered_ms`` bounds each lossless queue, ``lossy_buffered_ms`` each drop-oldest
+    queue. Leaving the block without :meth:`drain` drops what is still queued.
+    """
+
+    def __init__(
+        self,
+        sinks: Sequence[Sink],
+        fmt: AudioFormat,
+        *,
+        policies: Mapping[str, Policy] | None = None,
+        max_buffered_ms: float = 2000.0,
+        lossy_buffered_ms: float = 1000.0,
+        timeout: float = 10.0,
+        progress: asyncio.Event | None = None,
+    ) -> None:
+        if not sinks:
+            raise UsageError("at least one sink is required")
+        self.fmt = fmt
+        self._timeout = timeout
+        # Set after every frame a sink took: the speech's back-pressure waits on it.
+        self.progress = progress if progress is not None else asyncio.Event()
+        policies = dict(policies or {})
+        self._lanes: list[_Lane] = []
+        seen: dict[str, int] = {}
+        for sink in sinks:
+            base = str(getattr(sink, "name", type(sink).__name__))
+            seen[base] = seen.get(base, 0) + 1
+            name = base if seen[base] == 1 else f"{base}#{seen[base]}"
+            policy = policies.pop(name, Policy.LOSSLESS)
+            ms = max_buffered_ms if policy is Policy.LOSSLESS else lossy_buffered_ms
+            self._lanes.append(_Lane(sink, name, policy, max(1, fmt.samples(ms))))
+        if policies:
+            raise UsageError(f"policies name unknown sinks: {', '.join(sorted(policies))}")
+        self._opened: list[Sink] = []
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(lane.name for lane in self._lanes)
+
+    @property
+    def sinks(self) -> tuple[Sink, ...]:
+        return tuple(lane.sink for lane in self._lanes)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Fanout:
+        if self._stack is not None:
+            raise ClosedError("a Fanout is single-use")
+        stack = self._stack = contextlib.AsyncExitStack()
+        try:
+            stack.push_async_callback(self._close_opened)
+            for lane in self._lanes:
+                if not _is_open(lane.sink):
+                    await self._bounded(lane.sink.open(self.fmt), f"{lane.name}.open()")
+                    self._opened.append(lane.sink)
+                elif (fmt := getattr(lane.sink, "format", self.fmt)) != self.fmt:
+                    raise UsageError(
+                        f"sink {lane.name!r} was opened for {fmt}, the speech is {self.fmt}"
+                    )
+            tg = await stack.enter_async_context(asyncio.TaskGroup())
+            stack.push_async_callback(self._stop_workers)
+            self._tasks = [
+                tg.create_task(self._worker(lane), name=f"tts-stream-sink-{lane.name}")
+                for lane in self._lanes
+            ]
+        except BaseException:
+            await stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the workers (dropping what is queued) and close the sinks opened here."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._stack is not None:
+            await self._stack.aclose()
+
+    async def _stop_workers(self) -> None:
+        for lane in self._lanes:
+            lane.clear()
+            lane.end()
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+
+    async def _close_opened(self) -> None:
+        for sink in self._opened:
+            try:
+                await self._bounded(sink.aclose(), f"{sink.name}.aclose()")
+            except Exception:
+                log.exception("closing sink %s failed", getattr(sink, "name", sink))
+
+    async def _bounded(self, aw: Awaitable[object], what: str) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await aw
+        except TimeoutError as exc:
+            raise Timeout(what, self._timeout) from exc
+
+    # --- data path ----------------------------------------------------------------------------
+
+    async def _worker(self, lane: _Lane) -> None:
+        while True:
+            frame = await lane.get()
+            if frame is None:
+                lane.mark_idle()
+                return
+            if lane.failed is not None:
+                continue
+            lane.busy = True
+            try:
+                await lane.sink.write(frame)
+                lane.samples_out += len(frame)
+            except Exception as exc:  # one broken sink never takes the others down
+                lane.failed = repr(exc)
+                dropped = lane.clear()
+                lane.dropped_samples += dropped
+                log.warning("sink %s failed, it gets no more audio: %r", lane.name, exc)
+            finally:
+                lane.busy = False
+                lane.mark_idle()
+                self.progress.set()
+
+    async def write(self, frame: Frame) -> None:
+        """Queue ``frame`` for every sink; waits while a lossless queue is full."""
+        if self._closed or self._stack is None:
+            raise ClosedError("fan-out is closed")
+        for lane in self._lanes:
+            await lane.put(frame)
+
+    def backlog_samples(self) -> int:
+        """Samples queued for the slowest lossless sink (what back-pressure acts upon)."""
+        lossless = [lane.queued for lane in self._lanes if lane.policy is Policy.LOSSLESS]
+        return max(lossless, default=0)
+
+    async def drain(self) -> None:
+        """Wait until every sink has every queued frame and has drained it (bounded)."""
+        if self._stack is None or self._closed:
+            return
+        try:
+            async with asyncio.timeout(self._timeout):
+                for lane in self._lanes:
+                    await lane.wait_idle()
+                async with asyncio.TaskGroup() as tg:
+                    for lane in self._lanes:
+                        if lane.failed is None:
+                            tg.create_task(lane.sink.drain())
+        except TimeoutError as exc:
+            raise Timeout("sinks to drain", self._timeout) from exc
+
+    async def interrupt(self) -> dict[str, int]:
+        """Barge-in: drop every queue and interrupt every sink at once.
+
+        Returns, per sink name, the samples that actually left the sink (``Sink.interrupt``).
+        """
+        for lane in self._lanes:
+            lane.clear()
+        results: dict[str, int] = {}
+
+        async def one(lane: _Lane) -> None:
+            try:
+                results[lane.name] = int(await lane.sink.interrupt())
+            except Exception as exc:
+                log.warning("interrupting sink %s failed: %r", lane.name, exc)
+                results[lane.name] = lane.sink.stats().samples_played
+
+        try:
+            async with asyncio.timeout(self._timeout), asyncio.TaskGroup() as tg:
+                for lane in self._lanes:
+                    tg.create_task(one(lane))
+        except TimeoutError as exc:
+            raise Timeout("sinks to interrupt", self._timeout) from exc
+        return {lane.name: results.get(lane.name, 0) for lane in self._lanes}
+
+    # --- observation --------------------------------------------------------------------------
+
+    def stats(self) -> tuple[LaneStats, ...]:
+        """One :class:`LaneStats` per sink (queue sizes, peaks, drops)."""
+        return tuple(lane.stats() for lane in self._lanes)
+
+    def sink_stats(self) -> dict[str, SinkStats]:
+        """The sinks' own counters, keyed by lane name."""
+        return {lane.name: lane.sink.stats() for lane in self._lanes}
