@@ -49,6 +49,7 @@ __all__ = [
     "cdf_plot",
     "environment",
     "fmt_ms",
+    "machine_busy_s",
     "proc_cpu_s",
     "proc_rss_kb",
     "raise_nofile_limit",
@@ -248,6 +249,17 @@ def proc_cpu_s(pid: int) -> float:
     fields = raw.rsplit(")", 1)[1].split()
     # After the ")" of comm: field 3 (state) is index 0, so utime (14) is 11, stime (15) 12.
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all processes of the machine used so far (/proc/stat, busy states only).
+
+    Minus the benchmark's own processes it shows how busy *other* processes kept the
+    machine during a measurement (this machine is shared and noisy).
+    """
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
 
 
 def proc_rss_kb(pid: int | str = "self") -> int:

@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `tests` importa
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import subprocess
@@ -62,6 +63,7 @@ from bench.common import (
     environment,
     fmt_ms,
     line_plots,
+    machine_busy_s,
     peak_rss_kb,
     proc_cpu_s,
     proc_rss_kb,
@@ -184,7 +186,7 @@ class Sampler:
 
     def __init__(self, sinks: list[TimingSink], server_pid: int, period: float = 0.25) -> None:
         self.sinks, self.server_pid, self.period = sinks, server_pid, period
-        self.points: list[tuple[float, float, float, int]] = []
+        self.points: list[tuple[float, float, float, int, float]] = []
         self.stop = asyncio.Event()
 
     def take(self) -> None:
@@ -194,6 +196,7 @@ class Sampler:
                 time.process_time(),
                 proc_cpu_s(self.server_pid),
                 sum(s.samples for s in self.sinks),
+                machine_busy_s(),
             )
         )
 
@@ -210,14 +213,21 @@ class Sampler:
         inside = [p for p in self.points if start <= p[0] <= end]
         if len(inside) < 2:
             return None
-        (t0, c0, s0, n0), (t1, c1, s1, n1) = inside[0], inside[-1]
+        (t0, c0, s0, n0, m0), (t1, c1, s1, n1, m1) = inside[0], inside[-1]
         audio_s = (n1 - n0) / rate
         if audio_s <= 0:
             return None
-        return {"window_s": t1 - t0, "audio_s": audio_s,
-                "client_cpu_ms_per_audio_s": (c1 - c0) * 1000.0 / audio_s,
-                "server_cpu_ms_per_audio_s": (s1 - s0) * 1000.0 / audio_s,
-                "client_cpu_util": (c1 - c0) / (t1 - t0)}  # fmt: skip
+        wall = t1 - t0
+        return {
+            "window_s": wall,
+            "audio_s": audio_s,
+            "client_cpu_ms_per_audio_s": (c1 - c0) * 1000.0 / audio_s,
+            "server_cpu_ms_per_audio_s": (s1 - s0) * 1000.0 / audio_s,
+            "client_cpu_util": (c1 - c0) / wall,
+            "server_cpu_util": (s1 - s0) / wall,
+            # what the rest of this shared machine used meanwhile, in cores (of 2)
+            "other_cpu_util": ((m1 - m0) - (c1 - c0) - (s1 - s0)) / wall,
+        }
 
 
 async def _consume(sink: Any) -> int:
@@ -252,11 +262,17 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         out["prewarm_cpu_s"] = time.process_time() - cpu
         out["prewarm_server_cpu_s"] = proc_cpu_s(args.server_pid) - srv_cpu
         out["rss_idle_sessions_kb"] = proc_rss_kb()
+        if args.gc_freeze:
+            # What a long-running service does after start-up: everything alive now leaves
+            # the collector's generations, so gen-2 pauses stop scanning it.
+            gc.collect()
+            gc.freeze()
         dials0 = engine.pool_stats().dials
 
         t0 = time.monotonic()
         cpu0 = time.process_time()
         srv0 = proc_cpu_s(args.server_pid)
+        busy0 = machine_busy_s()
         delays = [args.ramp_s * i / n for i in range(n)] if n > 1 else [0.0]
         timings = [TimingSink() for _ in range(n)]
         sampler = Sampler(timings, args.server_pid)
@@ -273,6 +289,7 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         t1 = time.monotonic()
         cpu1 = time.process_time()
         srv1 = proc_cpu_s(args.server_pid)
+        busy1 = machine_busy_s()
         _stop_profiler(profiler, args)
         out["refill_dials"] = engine.pool_stats().dials - dials0
         out["rss_end_kb"] = proc_rss_kb()
@@ -286,6 +303,7 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     out["wall_s"] = t1 - t0
     out["client_cpu_s"] = cpu1 - cpu0
     out["server_cpu_s"] = srv1 - srv0
+    out["other_cpu_s"] = (busy1 - busy0) - out["client_cpu_s"] - out["server_cpu_s"]
     out["peak_rss_kb"] = peak_rss_kb()
     return _summarize_worker(out, recs, args)
 
@@ -329,6 +347,13 @@ def _summarize_worker(out: dict[str, Any], recs: list[dict[str, Any]],
         late_frames=sum(1 for x in all_late if x > args.allowance_ms),
         late_frames_20ms=sum(1 for x in all_late if x > 20.0),
         late_utterances=sum(1 for r in recs if r["late_frames"]),
+        # late utterances whose deltas also reached the client's reader late (receive time -
+        # server send stamp above the allowance): the client process was not reading in time
+        late_utterances_client_lag=sum(
+            1
+            for r in recs
+            if r["late_frames"] and (r.get("server_lag_ms_max") or 0.0) > args.allowance_ms
+        ),
         lateness_ms=summarize(all_late),
         first_audio_ms=summarize(r.get("first_audio_ms") for r in recs),
         from_start_ms=summarize(r.get("from_start_ms") for r in recs),
@@ -370,6 +395,8 @@ def _run_point(srv: ServerProcess, voice: str, n: int, loop: str,
         "--allowance-ms", str(args.allowance_ms), "--sink", args.sink,
         "--dial-concurrency", str(args.dial_concurrency), "--utterances-out", str(utter_path),
     ]  # fmt: skip
+    if args.gc_freeze:
+        argv.append("--gc-freeze")
     if args.profile and n in args.profile_levels:
         prof = utter_path.parent / f"profile_{loop}_n{n}.txt"
         argv = [
@@ -420,7 +447,8 @@ def report(points: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         "| loop | N | first audio p50 / p95 / max (ms) | late frames | late >20 ms "
         "| max lateness (ms) | client CPU ms / audio s, steady | client CPU, whole "
-        "| server CPU ms / audio s, steady | client / server CPU util, steady "
+        "| server CPU ms / audio s, steady | CPU util (cores): client / server steady, other "
+        "processes "
         "| peak RSS (MiB) | errors |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
@@ -429,10 +457,7 @@ def report(points: list[dict[str, Any]], args: argparse.Namespace) -> str:
             lines.append(f"| {p['loop']} | {p['n']} | {p.get('error')} ||||||||||")
             continue
         fa = p["first_audio_ms"]
-        srv_util = None
-        st = p.get("steady")
-        if st and st.get("window_s"):
-            srv_util = st["server_cpu_ms_per_audio_s"] * st["audio_s"] / 1000.0 / st["window_s"]
+        other = p["other_cpu_s"] / p["wall_s"] if p.get("wall_s") else None
         lines.append(
             f"| {p['loop']} | {p['n']} | {fmt_ms(fa['p50'], 1)} / {fmt_ms(fa['p95'], 1)} / "
             f"{fmt_ms(fa['max'], 1)} | {p['late_frames']} / {p['frames']} | "
@@ -440,7 +465,8 @@ def report(points: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{fmt_ms(_steady(p, 'client_cpu_ms_per_audio_s'), 3)} | "
             f"{fmt_ms(p['cpu_ms_per_audio_s_excl_refill'], 3)} | "
             f"{fmt_ms(_steady(p, 'server_cpu_ms_per_audio_s'), 3)} | "
-            f"{fmt_ms(_steady(p, 'client_cpu_util'), 2)} / {fmt_ms(srv_util, 2)} | "
+            f"{fmt_ms(_steady(p, 'client_cpu_util'), 2)} / "
+            f"{fmt_ms(_steady(p, 'server_cpu_util'), 2)} / {fmt_ms(other, 2)} | "
             f"{p['peak_rss_kb'] / 1024:.0f} | {p['errors']} |"
         )
     return "\n".join(lines) + "\n"
@@ -499,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allowance-ms", type=float, default=50.0, help="jitter allowance")
     parser.add_argument("--sink", choices=["timing", "array"], default="timing")
     parser.add_argument("--dial-concurrency", type=int, default=4)
+    parser.add_argument(
+        "--gc-freeze", action="store_true", help="gc.freeze() in the worker before the window"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "concurrency.jsonl")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument(

@@ -107,7 +107,9 @@ def test_voices_and_speak_against_a_server(
 
 
 def test_speak_needs_a_sink(
-    threaded_server: LocalServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    threaded_server: LocalServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("DASHSCOPE_API_KEY", threaded_server.api_key)
     assert main(["speak", "v", "hi", "--base-url", threaded_server.base_url]) == 2

@@ -158,6 +158,20 @@ async def test_connect_failure_before_audio_is_retried_transparently(
     assert m.retries == 1 and m.error is None
 
 
+@pytest.mark.parametrize("fault", ["drop_after_deltas", "close_after_deltas"])
+async def test_connection_lost_before_audio_is_retried_with_the_text_replayed(
+    server: LocalServer, engine: Engine, voice: Voice, fault: str
+) -> None:
+    reference = await say_to_array(engine, voice, TEXT)
+    server.faults.set(**{fault: 0}, times=1)  # dies when its first audio is due
+    before = server.stats()
+    got = await say_to_array(engine, voice, TEXT)
+    assert np.array_equal(got, reference)  # complete, exactly once
+    assert server.stats().sessions_opened >= before.sessions_opened + 2
+    m = list(engine.history)[-1]
+    assert m.retries == 1 and m.error is None
+
+
 async def test_retries_are_bounded(server: LocalServer, voice: Voice) -> None:
     from tts_stream import SpeechOptions
 

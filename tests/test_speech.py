@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sinks import ArraySink
 from tests.conftest import Enroll
@@ -27,7 +29,7 @@ from tts_stream import (
     UsageError,
     Voice,
 )
-from tts_stream.messages import VC_MODELS
+from tts_stream.messages import VC_MODELS, billable_characters
 from tts_stream.server import LocalServer
 from tts_stream.speech import chars_for_billable
 
@@ -54,6 +56,13 @@ async def reference(engine: Engine, voice: Voice, text: str, **kw: Any) -> np.nd
     arr = ArraySink(max_blocks=100_000)
     await engine.say(voice, text, sinks=[arr], **kw)
     return await arr.read_all(within=TIMEOUT)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="ab 你好,。", max_size=30), st.data())
+def test_chars_for_billable_inverts_the_billing_rule(text: str, data: st.DataObject) -> None:
+    k = data.draw(st.integers(0, len(text)))
+    assert chars_for_billable(text, billable_characters(text[:k])) == k
 
 
 def test_chars_for_billable_counts_han_twice() -> None:
@@ -307,3 +316,28 @@ async def test_one_huge_push_is_paced_by_the_budget_too(engine: Engine, voice: V
             with pytest.raises(asyncio.CancelledError):
                 await push
             await speech.interrupt()
+
+
+async def test_interrupt_report_is_exact_for_fully_played_responses(
+    engine: Engine, voice: Voice
+) -> None:
+    first, second = "One sentence.", " Then a much longer second sentence follows here."
+    n_first = (await reference(engine, voice, first, mode="commit")).size
+    arr = ArraySink(max_blocks=4)
+    async with asyncio.timeout(TIMEOUT):
+        async with engine.speak(voice, sinks=[arr], mode="commit") as speech:
+            await speech.push(first)
+            await speech.commit()
+            await speech.push(second)
+            await speech.commit()
+            taken = 0
+            while taken < n_first + 2400:  # all of the first response, a bit of the second
+                block = await arr.get()
+                assert block is not None
+                taken += block.size
+            report = await speech.interrupt()
+    assert report.played_ms["array"] == pytest.approx(taken / 24.0)
+    assert report.spoken_text.startswith(first)  # known exactly: billed and fully played
+    assert len(report.spoken_text) < len(first + second)
+    assert report.spoken_text + report.unspoken_text == first + second
+    assert report.dropped_responses == 1

@@ -16,7 +16,8 @@ on until :meth:`Faults.reset`. Set ``times`` *after* (or together with, via
 ``first_audio_delay_s``    sleep before the first ``response.audio.delta`` of every response
 ``delta_interval_s``       minimum spacing of deltas (absolute schedule, added to pacing)
 ``drop_after_deltas``      after N deltas of the session: close the TCP connection without a
-                           WebSocket close frame (the client sees 1006)
+                           WebSocket close frame (the client sees 1006); N = 0 acts when the
+                           first audio is due, before any delta (likewise for the two below)
 ``close_after_deltas``     after N deltas: close with ``close_code`` (default 1011) and
                            ``close_reason``
 ``error_event_at``         send an ``error`` event (``error_code``, ``error_message``) at a

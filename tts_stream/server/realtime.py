@@ -688,6 +688,8 @@ class Session:
         async def send(nbytes: int) -> None:
             """Send the first ``nbytes`` of ``buf`` as one delta, on schedule."""
             nonlocal sent_bytes, k, t0, header_left
+            if self.deltas == 0:
+                self._after_delta(0)  # a count of 0 means: before the session's first audio
             if k == 0:
                 if plan.first_audio_delay_s > 0:
                     await asyncio.sleep(plan.first_audio_delay_s)
