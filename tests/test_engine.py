@@ -298,3 +298,24 @@ async def test_cancelled_utterance_cleans_up_and_the_engine_goes_on(
     assert list(engine.history)[-1].first_audio_ms is not None
     got = await say_to_array(engine, voice, "Still alive.")
     assert got.size > 0
+
+
+async def test_telephony_only_sinks_get_8khz_from_the_server(
+    engine: Engine, voice: Voice
+) -> None:
+    """With only G.711 RTP sinks the server is asked for 8 kHz: no resampling on our side."""
+    from sinks import RtpSink
+    from tests.rtp_receiver import UdpReceiver, decode_payloads
+
+    async with UdpReceiver() as rx:
+        rtp = RtpSink("127.0.0.1", rx.port, codec="pcmu")
+        async with asyncio.timeout(TIMEOUT):
+            m = await engine.say(voice, "Hello from the phone line.", sinks=[rtp])
+        assert m.sample_rate == 8000
+        rx.flush()
+        audio = decode_payloads(rx.packets, "pcmu")
+        # ~60 ms per character from the tone backend, at 8 kHz, all of it sent.
+        assert abs(audio.size - m.audio_ms * 8) <= 160 * 4
+        arr = ArraySink(max_blocks=10_000)
+        mixed = await engine.say(voice, "Hi.", sinks=[arr, RtpSink("127.0.0.1", rx.port)])
+        assert mixed.sample_rate == 24000  # another sink wants the full rate: keep 24 kHz

@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--region", choices=["intl", "cn"], default="intl")
     target.add_argument("--workspace", help="DashScope workspace id")
     target.add_argument(
-        "--data-dir", type=Path, default=None, help="embedded server data (default: %(default)s)"
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="data of the embedded server (default: $TTS_STREAM_DATA or ~/.local/share/tts-stream)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

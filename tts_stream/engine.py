@@ -54,6 +54,16 @@ def run(main: Callable[[], Coroutine[Any, Any, T]] | Coroutine[Any, Any, T]) -> 
     return result
 
 
+def preferred_rate(sinks: Sequence[Sink], default: int = 24000) -> int:
+    """The sample rate all ``sinks`` prefer (``preferred_sample_rate``), else ``default``."""
+    rates = {getattr(sink, "preferred_sample_rate", None) for sink in sinks}
+    if len(rates) == 1:
+        (rate,) = rates
+        if isinstance(rate, int) and rate in SAMPLE_RATES:
+            return rate
+    return default
+
+
 class Engine:
     """Voice enrollment plus real-time speech to sinks.
 
@@ -199,7 +209,7 @@ class Engine:
         sinks: Sequence[Sink],
         model: str | None = None,
         mode: str = "server_commit",
-        sample_rate: int = 24000,
+        sample_rate: int | None = None,
         first_commit: Literal["clause"] | None = None,
         policies: Mapping[str, Policy] | None = None,
         options: SpeechOptions | None = None,
@@ -212,9 +222,14 @@ class Engine:
         name needs ``model``. ``**session`` adds ``session.update`` keys (``language_type``,
         ``speech_rate``, ``volume``, ``pitch_rate``...). ``policies`` maps sink names to a
         fan-out :class:`~tts_stream.fanout.Policy`.
+
+        ``sample_rate`` defaults to the rate every sink prefers when they all agree (telephony
+        sinks prefer 8000 Hz, so the server synthesizes at 8 kHz and nothing is resampled),
+        else to 24000 Hz.
         """
         pool = self._pool_or_raise()
-        key = self.pool_key(voice, model=model, mode=mode, sample_rate=sample_rate, **session)
+        rate = sample_rate if sample_rate is not None else preferred_rate(sinks)
+        key = self.pool_key(voice, model=model, mode=mode, sample_rate=rate, **session)
         opts = options or self.speech_options
         changes: dict[str, Any] = {}
         if first_commit is not None:
