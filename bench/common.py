@@ -271,7 +271,16 @@ def proc_rss_kb(pid: int | str = "self") -> int:
 
 
 def peak_rss_kb() -> int:
-    """Peak RSS of this process (``getrusage``; KiB on Linux)."""
+    """Peak RSS of this process in KiB: ``VmHWM`` (this address space's high-water mark).
+
+    ``getrusage().ru_maxrss`` is kept across ``execve`` on Linux, so a freshly started
+    worker would report its *parent's* peak when the parent was bigger; VmHWM starts afresh
+    with the new program. Falls back to ``getrusage`` where /proc is missing.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
@@ -313,19 +322,20 @@ class ServerProcess:
         stamp_deltas: bool = True,
         delta_interval_s: float = 0.0,
         loop: str = "uvloop",
+        gc_mode: str = "default",
         ready_timeout: float = 30.0,
     ) -> None:
         self.api_key = "sk-bench-" + secrets.token_hex(16)
         self._argv = [
             sys.executable, "-m", "bench.common", "serve", "--backend", backend,
             "--pacing", pacing, "--delta-ms", str(delta_ms), "--loop", loop,
-            "--delta-interval-s", str(delta_interval_s),
+            "--delta-interval-s", str(delta_interval_s), "--gc", gc_mode,
         ]  # fmt: skip
         if stamp_deltas:
             self._argv.append("--stamp-deltas")
         self.options = {"backend": backend, "pacing": pacing, "delta_ms": delta_ms,
                         "stamp_deltas": stamp_deltas, "delta_interval_s": delta_interval_s,
-                        "loop": loop}  # fmt: skip
+                        "loop": loop, "gc": gc_mode}  # fmt: skip
         self._ready_timeout = ready_timeout
         self._proc: subprocess.Popen[str] | None = None
         self.base_url = ""
@@ -419,6 +429,12 @@ async def _serve(args: argparse.Namespace) -> None:
         srv.faults.stamp_deltas = args.stamp_deltas
         srv.faults.delta_interval_s = args.delta_interval_s
         srv.faults.times = None  # every session
+        if args.gc == "off":
+            # The harness's server must not add its own collector pauses to what the
+            # benchmark attributes to the engine (it lives for one benchmark run only).
+            gc.collect()
+            gc.freeze()
+            gc.disable()
         sys.stdout.write(json.dumps({"base_url": srv.base_url, "pid": os.getpid()}) + "\n")
         sys.stdout.flush()
         await stop.wait()
@@ -503,6 +519,44 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     Path(path).write_text(text, encoding="utf-8")
 
 
+def profile_summary(path: str | os.PathLike[str], *, top: int = 40) -> str:
+    """Shares of event-loop busy time from a ``py-spy record --format raw`` file.
+
+    Idle samples (the selector's ``select``) are left out; the rest is grouped by the task or
+    callback that ran (the frame right under ``Handle._run``), then by function inclusive and
+    self time, line numbers dropped.
+    """
+    import collections
+    import re
+
+    by_task: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    self_: collections.Counter[str] = collections.Counter()
+    busy = 0
+    for line in Path(path).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        if "select (selectors.py)" in frames[-1] or not any("_run_once" in f for f in frames):
+            continue
+        n = int(count)
+        busy += n
+        runs = [i for i, f in enumerate(frames) if f.startswith("Handle._run")]
+        task = frames[runs[-1] + 1] if runs and runs[-1] + 1 < len(frames) else "(event loop)"
+        by_task[task] += n
+        for f in set(frames):
+            incl[f] += n
+        self_[frames[-1]] += n
+    out = [f"busy samples in the event loop: {busy}", "", "by task / callback:"]
+    out += [f"{100 * n / busy:5.1f}%  {f}" for f, n in by_task.most_common(15)]
+    out += ["", "inclusive:"]
+    out += [f"{100 * n / busy:5.1f}%  {f}" for f, n in incl.most_common(top) if n < busy]
+    out += ["", "self:"]
+    out += [f"{100 * n / busy:5.1f}%  {f}" for f, n in self_.most_common(top // 2)]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.common")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -513,9 +567,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--delta-interval-s", type=float, default=0.0)
     s.add_argument("--stamp-deltas", action="store_true")
     s.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
+    s.add_argument("--gc", choices=["default", "off"], default="default")
+    pr = sub.add_parser("profile", help="summarise a py-spy raw profile (busy loop time)")
+    pr.add_argument("path", type=Path)
+    pr.add_argument("--top", type=int, default=40)
     e = sub.add_parser("env", help="print the environment record")
     e.add_argument("--loop", default="asyncio")
     args = parser.parse_args(argv)
+    if args.command == "profile":
+        sys.stdout.write(profile_summary(args.path, top=args.top))
+        return 0
     if args.command == "env":
         print(json.dumps(environment(loop=args.loop), indent=2))
         return 0

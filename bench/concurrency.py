@@ -47,6 +47,7 @@ import contextlib
 import gc
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -243,10 +244,11 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     voice = Voice(args.voice, MODEL)
     text = utterance_text(args.seconds)
     n = args.n
-    out: dict[str, Any] = {"kind": "point", "n": n, "loop": args.loop, "sink": args.sink,
-                           "seconds": args.seconds, "ramp_s": args.ramp_s,
-                           "allowance_ms": args.allowance_ms, "text_chars": len(text),
-                           "nofile": nofile, "rss_start_kb": proc_rss_kb()}  # fmt: skip
+    out: dict[str, Any] = {
+        "kind": "point", "n": n, "loop": args.loop, "sink": args.sink, "gc_mode": args.gc,
+        "seconds": args.seconds, "ramp_s": args.ramp_s, "allowance_ms": args.allowance_ms,
+        "text_chars": len(text), "nofile": nofile, "rss_start_kb": proc_rss_kb(),
+    }  # fmt: skip
     engine = Engine(base_url=args.base_url, api_key=key, pool_size=0,
                     dial_concurrency=args.dial_concurrency, open_timeout=60.0,
                     configure_timeout=60.0)  # fmt: skip
@@ -262,11 +264,13 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         out["prewarm_cpu_s"] = time.process_time() - cpu
         out["prewarm_server_cpu_s"] = proc_cpu_s(args.server_pid) - srv_cpu
         out["rss_idle_sessions_kb"] = proc_rss_kb()
-        if args.gc_freeze:
+        if args.gc in ("freeze", "off"):
             # What a long-running service does after start-up: everything alive now leaves
             # the collector's generations, so gen-2 pauses stop scanning it.
             gc.collect()
             gc.freeze()
+        if args.gc == "off":  # an experiment (upper bound of what GC costs), not advice
+            gc.disable()
         dials0 = engine.pool_stats().dials
 
         t0 = time.monotonic()
@@ -305,6 +309,7 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     out["server_cpu_s"] = srv1 - srv0
     out["other_cpu_s"] = (busy1 - busy0) - out["client_cpu_s"] - out["server_cpu_s"]
     out["peak_rss_kb"] = peak_rss_kb()
+    out["ru_maxrss_kb"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return _summarize_worker(out, recs, args)
 
 
@@ -349,6 +354,13 @@ def _summarize_worker(out: dict[str, Any], recs: list[dict[str, Any]],
         late_utterances=sum(1 for r in recs if r["late_frames"]),
         # late utterances whose deltas also reached the client's reader late (receive time -
         # server send stamp above the allowance): the client process was not reading in time
+        # late frames of utterances whose deltas all reached the reader in time: the
+        # lateness came from upstream (the server's pacing, its GC, or a stolen CPU)
+        late_frames_upstream=sum(
+            r["late_frames"]
+            for r in recs
+            if r["late_frames"] and (r.get("server_lag_ms_max") or 0.0) <= args.allowance_ms
+        ),
         late_utterances_client_lag=sum(
             1
             for r in recs
@@ -395,8 +407,7 @@ def _run_point(srv: ServerProcess, voice: str, n: int, loop: str,
         "--allowance-ms", str(args.allowance_ms), "--sink", args.sink,
         "--dial-concurrency", str(args.dial_concurrency), "--utterances-out", str(utter_path),
     ]  # fmt: skip
-    if args.gc_freeze:
-        argv.append("--gc-freeze")
+    argv += ["--gc", args.gc]
     if args.profile and n in args.profile_levels:
         prof = utter_path.parent / f"profile_{loop}_n{n}.txt"
         argv = [
@@ -405,7 +416,7 @@ def _run_point(srv: ServerProcess, voice: str, n: int, loop: str,
             "--format",
             "raw",
             "--rate",
-            "200",
+            "500",
             "--output",
             str(prof),
             "--",
@@ -436,38 +447,55 @@ def _steady(p: dict[str, Any], key: str) -> float | None:
 
 
 def report(points: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    ok = [p for p in points if "first_audio_ms" in p]
     lines = [
         f"N concurrent real-time utterances of ~{args.seconds:g} s each (server paced at real "
         f"time, own process); starts spread over {args.ramp_s:g} s; a frame is late when "
         f"written after first_write + offset/rate + {args.allowance_ms:g} ms; sink "
-        f"{args.sink}. CPU: client = this engine's process, server = the local server's "
-        "process; *steady* = while all N streams play, *whole* = the whole window incl. "
-        "connect-free session start, finish and close of every utterance (refill dials "
-        "excluded).",
+        f"{args.sink}; worker GC {args.gc}. CPU in ms per second of audio delivered: client = "
+        "the engine's process, server = the local server's; *steady* = while all N streams "
+        "play; *whole* = the whole window, incl. start, finish and close of every utterance "
+        "(refill dials excluded).",
         "",
         "| loop | N | first audio p50 / p95 / max (ms) | late frames | late >20 ms "
-        "| max lateness (ms) | client CPU ms / audio s, steady | client CPU, whole "
-        "| server CPU ms / audio s, steady | CPU util (cores): client / server steady, other "
-        "processes "
+        "| max lateness (ms) | client CPU, steady | client CPU, whole | server CPU, steady "
         "| peak RSS (MiB) | errors |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         if "first_audio_ms" not in p:
-            lines.append(f"| {p['loop']} | {p['n']} | {p.get('error')} ||||||||||")
+            lines.append(f"| {p['loop']} | {p['n']} | {p.get('error')} ||||||||")
             continue
         fa = p["first_audio_ms"]
-        other = p["other_cpu_s"] / p["wall_s"] if p.get("wall_s") else None
         lines.append(
             f"| {p['loop']} | {p['n']} | {fmt_ms(fa['p50'], 1)} / {fmt_ms(fa['p95'], 1)} / "
             f"{fmt_ms(fa['max'], 1)} | {p['late_frames']} / {p['frames']} | "
             f"{p['late_frames_20ms']} | {fmt_ms(p['lateness_ms']['max'], 1)} | "
-            f"{fmt_ms(_steady(p, 'client_cpu_ms_per_audio_s'), 3)} | "
-            f"{fmt_ms(p['cpu_ms_per_audio_s_excl_refill'], 3)} | "
-            f"{fmt_ms(_steady(p, 'server_cpu_ms_per_audio_s'), 3)} | "
-            f"{fmt_ms(_steady(p, 'client_cpu_util'), 2)} / "
-            f"{fmt_ms(_steady(p, 'server_cpu_util'), 2)} / {fmt_ms(other, 2)} | "
+            f"{fmt_ms(_steady(p, 'client_cpu_ms_per_audio_s'), 2)} | "
+            f"{fmt_ms(p['cpu_ms_per_audio_s_excl_refill'], 2)} | "
+            f"{fmt_ms(_steady(p, 'server_cpu_ms_per_audio_s'), 2)} | "
             f"{p['peak_rss_kb'] / 1024:.0f} | {p['errors']} |"
+        )
+    lines += [
+        "",
+        "Where late frames come from: *upstream* = late frames of utterances whose every delta "
+        "reached the engine's reader within the allowance of the server's send stamp (the "
+        "server sent late); gen-2 = the engine process's full garbage collections in the "
+        "window; CPU util in cores (2 = the whole machine), *other* = every other process of "
+        "this shared machine meanwhile.",
+        "",
+        "| loop | N | late frames | of which upstream | gen-2 GC: count, max pause (ms) "
+        "| CPU util steady: client / server | other processes |",
+        "|---|---:|---:|---:|---|---|---:|",
+    ]
+    for p in ok:
+        gen2 = p.get("gc", {}).get("gen2", {})
+        other = p["other_cpu_s"] / p["wall_s"] if p.get("wall_s") else None
+        lines.append(
+            f"| {p['loop']} | {p['n']} | {p['late_frames']} | {p['late_frames_upstream']} | "
+            f"{gen2.get('count', 0)}, {fmt_ms(gen2.get('max_ms'), 1)} | "
+            f"{fmt_ms(_steady(p, 'client_cpu_util'), 2)} / "
+            f"{fmt_ms(_steady(p, 'server_cpu_util'), 2)} | {fmt_ms(other, 2)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -526,7 +554,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sink", choices=["timing", "array"], default="timing")
     parser.add_argument("--dial-concurrency", type=int, default=4)
     parser.add_argument(
-        "--gc-freeze", action="store_true", help="gc.freeze() in the worker before the window"
+        "--server-gc",
+        choices=["default", "off"],
+        default="off",
+        help="the local server's collector (off: its pauses are not the engine's)",
+    )
+    parser.add_argument(
+        "--gc",
+        choices=["default", "freeze", "off"],
+        default="default",
+        help="worker's garbage collector in the window: as is, gc.freeze() after the "
+        "prewarm, or frozen and disabled (an experiment)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "concurrency.jsonl")
     parser.add_argument("--no-plot", action="store_true")
@@ -563,8 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     utter_path.parent.mkdir(parents=True, exist_ok=True)
     utter_path.write_text("")
     points: list[dict[str, Any]] = []
-    with ServerProcess(pacing="realtime", delta_ms=100.0, stamp_deltas=True) as srv, \
-            JsonLines(out) as jl:  # fmt: skip
+    server = ServerProcess(
+        pacing="realtime", delta_ms=100.0, stamp_deltas=True, gc_mode=args.server_gc
+    )
+    with server as srv, JsonLines(out) as jl:
         jl.write(environment(loop=",".join(loops), bench="concurrency", server=srv.options,
                              args={k: str(v) for k, v in vars(args).items()}))  # fmt: skip
         voice = run_loop(_enroll(srv), "asyncio")

@@ -5,11 +5,14 @@ thread copies them out in its callback. The callback never blocks, never allocat
 buffers and takes no lock: it plays silence when the ring runs dry (and counts an underrun),
 applies a ~5 ms linear fade on :meth:`SoundCardSink.interrupt`, and wakes the event loop only
 through ``loop.call_soon_threadsafe`` (space freed for a waiting writer; stream complete).
-The stream starts once ``prefill_ms`` of audio is queued, so the first audio plays smoothly,
-and stops after every :meth:`~SoundCardSink.drain` (the next write prefills again).
+(PyAudio alone insists on a fresh ``bytes`` per callback: see ``_PyAudioStream``.) The stream
+starts once ``prefill_ms`` of audio is queued, so the first audio plays smoothly, and stops
+after every :meth:`~SoundCardSink.drain`, once the last sample has reached the DAC (the next
+write prefills again).
 
 When the device cannot open the stream's rate, it is opened at its default rate and the audio
-is resampled with one stateful ``soxr.ResampleStream`` (no per-chunk pops). Both backends
+is resampled with one stateful ``soxr.ResampleStream`` (no per-chunk pops; float32, so the
+output is deterministic and independent of the chunking). Both backends
 share the ring and all the logic; they are thin adapters around PortAudio's callback API.
 ``sounddevice``/``pyaudio`` are imported lazily: a missing package or a missing PortAudio
 library raises :class:`~tts_stream.errors.MissingDependency` naming what to install.
@@ -31,7 +34,13 @@ import numpy.typing as npt
 import soxr
 
 from tts_stream.audio import PCM16, AudioFormat, SinkStats
-from tts_stream.errors import MissingDependency, Timeout, TtsStreamError, UsageError
+from tts_stream.errors import (
+    DeviceError,
+    MissingDependency,
+    Timeout,
+    TtsStreamError,
+    UsageError,
+)
 
 from ._base import BaseSink
 
@@ -751,7 +760,7 @@ class SoundCardSink(BaseSink):
         except (TtsStreamError, asyncio.CancelledError):
             raise
         except Exception as exc:  # PortAudioError, OSError, ValueError from the backends
-            raise TtsStreamError(f"{self.name}: waiting for {what} failed: {exc}") from exc
+            raise DeviceError(f"{self.name}: waiting for {what} failed: {exc}") from exc
 
     def _to_device(self, frames: int) -> int:
         rate = self.device_rate or self.format.sample_rate

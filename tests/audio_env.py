@@ -398,8 +398,8 @@ def find_signal(haystack: npt.NDArray[np.int16], needle: npt.NDArray[np.int16]) 
         return -1
     head = needle[:k]
     hits = np.flatnonzero(haystack[: haystack.size - needle.size + 1] == head[0])
-    for i in hits:
-        i = int(i)
+    for hit in hits:
+        i = int(hit)
         if np.array_equal(haystack[i : i + k], head) and np.array_equal(
             haystack[i : i + needle.size], needle
         ):

@@ -14,6 +14,7 @@ Secrets (API keys) never appear in ``str()`` or ``repr()`` of any of these::
     ├── ConnectionFailed           could not connect, or the connection broke
     │   ├── HandshakeRejected      the WebSocket upgrade got an HTTP status (.status)
     │   └── ConnectionLost         closed before the session finished (.code, .reason)
+    ├── DeviceError                a sound-card device failed to open or to play
     ├── ServerError                the server reported an error (.code .message .status
     │   │                          .request_id .retryable)
     │   ├── AuthenticationError    401 / 403
@@ -30,6 +31,7 @@ __all__ = [
     "ClosedError",
     "ConnectionFailed",
     "ConnectionLost",
+    "DeviceError",
     "HandshakeRejected",
     "MissingDependency",
     "ModelMismatch",
@@ -127,6 +129,10 @@ class ConnectionLost(ConnectionFailed):
     ) -> None:
         self.code, self.reason, self.audio_received = code, reason, audio_received
         super().__init__(message)
+
+
+class DeviceError(TtsStreamError):
+    """A sound-card device could not be opened or failed while playing (PortAudio)."""
 
 
 class ServerError(TtsStreamError):
