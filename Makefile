@@ -12,6 +12,8 @@ demo: setup
 	$(VENV)/bin/tts-stream demo
 
 test: setup
+	$(VENV)/bin/ruff check tts_stream sinks tests bench
+	$(VENV)/bin/mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -181,7 +181,7 @@ def _devices(backend: str) -> int:
 
     devices = list_output_devices(backend=backend)
     if not devices:
-        print("no output devices found")
+        print("no output devices found: PortAudio sees no sound card (check ALSA/PulseAudio)")
         return 1
     for d in devices:
         mark = "*" if d.is_default else " "
