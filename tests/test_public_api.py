@@ -14,7 +14,7 @@ MODULES = ["protocol", "connection", "pool", "speech", "fanout", "metrics", "eng
 
 EXPECTED = {
     "AcquireInfo", "AudioFormat", "AuthenticationError", "ClosedError", "ConnectionFailed",
-    "ConnectionLost", "Engine", "Frame", "HandshakeRejected", "InterruptReport",
+    "ConnectionLost", "DeviceError", "Engine", "Frame", "HandshakeRejected", "InterruptReport",
     "MissingDependency", "ModelMismatch", "Policy", "PoolStats", "ProtocolViolation",
     "QuotaExceeded", "RateLimited", "SampleRejected", "ServerError", "Sink", "SinkStats",
     "Speech", "SpeechOptions", "Summary", "Timeout", "TtsStreamError", "UsageError",
@@ -51,7 +51,7 @@ def test_engine_signatures_are_keyword_only() -> None:
     for name in ("sinks", "model", "mode", "sample_rate", "first_commit"):
         assert speak.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
     assert speak.parameters["mode"].default == "server_commit"
-    assert speak.parameters["sample_rate"].default == 24000
+    assert speak.parameters["sample_rate"].default is None  # the sinks' preferred rate, else 24 kHz
     say = inspect.signature(tts_stream.Engine.say)
     assert list(say.parameters)[:3] == ["self", "voice", "text"]
     assert "n" in inspect.signature(tts_stream.Engine.prewarm).parameters

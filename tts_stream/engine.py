@@ -18,11 +18,11 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 import aiohttp
 
+from ._resource import StackResource
 from .audio import Sink
 from .config import Endpoint
 from .enrollment import Voice, Voices
@@ -64,14 +64,15 @@ def preferred_rate(sinks: Sequence[Sink], default: int = 24000) -> int:
     return default
 
 
-class Engine:
+class Engine(StackResource):
     """Voice enrollment plus real-time speech to sinks.
 
     ``api_key`` defaults to ``$DASHSCOPE_API_KEY``; ``region`` is ``"intl"`` or ``"cn"``;
     ``base_url`` (e.g. a :class:`~tts_stream.server.LocalServer`'s) wins over the region.
     ``pool_size`` warm spares are kept per (model, voice, format, rate, mode) once used;
     ``max_idle_s`` replaces a spare before the service's idle limit. ``speech`` holds the
-    default :class:`~tts_stream.speech.SpeechOptions` of every utterance.
+    default :class:`~tts_stream.speech.SpeechOptions` of every utterance. ``aclose()`` (or
+    leaving the block) finishes the spare sessions gracefully and closes the HTTP session.
     """
 
     def __init__(
@@ -104,10 +105,8 @@ class Engine:
             "configure_timeout": configure_timeout,
         }
         self._http_timeout = http_timeout
-        self._stack: contextlib.AsyncExitStack | None = None
         self._pool: Pool | None = None
         self._voices: Voices | None = None
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"Engine({self.endpoint!r})"
@@ -126,22 +125,6 @@ class Engine:
             await stack.aclose()
             raise
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Finish the spare sessions gracefully and close the HTTP session. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._stack is not None:
-            await self._stack.aclose()
 
     # --- enrollment ---------------------------------------------------------------------------
 

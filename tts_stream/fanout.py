@@ -23,8 +23,8 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 
+from ._resource import StackResource
 from .audio import AudioFormat, Frame, Sink, SinkStats
 from .errors import ClosedError, Timeout, UsageError
 
@@ -172,7 +172,7 @@ def _is_open(sink: Sink) -> bool:
     return getattr(state, "name", None) == "OPEN"
 
 
-class Fanout:
+class Fanout(StackResource):
     """Frames to sinks: ``async with Fanout(sinks, fmt) as fan: await fan.write(frame)``.
 
     On enter, sinks that are not open yet are opened with ``fmt`` (and closed again on exit);
@@ -211,9 +211,7 @@ class Fanout:
         if policies:
             raise UsageError(f"policies name unknown sinks: {', '.join(sorted(policies))}")
         self._opened: list[Sink] = []
-        self._stack: contextlib.AsyncExitStack | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._closed = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -249,22 +247,6 @@ class Fanout:
             await stack.aclose()
             raise
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Stop the workers (dropping what is queued) and close the sinks opened here."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._stack is not None:
-            await self._stack.aclose()
 
     async def _stop_workers(self) -> None:
         for lane in self._lanes:

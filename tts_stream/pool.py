@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from ._resource import StackResource
 from .config import Endpoint
 from .connection import Connection
 from .errors import ClosedError, Timeout, UsageError
@@ -141,12 +142,13 @@ class Lease:
         await self.release()
 
 
-class Pool:
+class Pool(StackResource):
     """Warm spares of realtime sessions. ``async with Pool(endpoint) as pool: ...``.
 
     ``size``: spares kept per key once the key was used (``prewarm`` can raise it per key).
     ``max_idle_s``: a spare older than this is replaced. ``connect`` options are passed to
-    each :class:`~tts_stream.connection.Connection`.
+    each :class:`~tts_stream.connection.Connection`. ``aclose()`` finishes every spare
+    gracefully and closes checked-out connections.
     """
 
     def __init__(
@@ -172,9 +174,7 @@ class Pool:
         self._dialing: dict[PoolKey, int] = {}
         self._slots: set[_Slot] = set()
         self._tg: asyncio.TaskGroup | None = None
-        self._stack: contextlib.AsyncExitStack | None = None
         self._closing = False
-        self._closed = False
         self._changed = asyncio.Event()  # a dial finished (spare ready or failed)
         self._counts = {
             "dials": 0, "dial_failures": 0, "warm_acquires": 0, "cold_acquires": 0,
@@ -196,22 +196,6 @@ class Pool:
         self._tg = await stack.enter_async_context(asyncio.TaskGroup())
         stack.push_async_callback(self._shutdown)
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Finish every spare gracefully, close checked-out connections, stop. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._stack is not None:
-            await self._stack.aclose()
 
     async def _shutdown(self) -> None:
         self._closing = True
