@@ -300,9 +300,7 @@ async def test_cancelled_utterance_cleans_up_and_the_engine_goes_on(
     assert got.size > 0
 
 
-async def test_telephony_only_sinks_get_8khz_from_the_server(
-    engine: Engine, voice: Voice
-) -> None:
+async def test_telephony_only_sinks_get_8khz_from_the_server(engine: Engine, voice: Voice) -> None:
     """With only G.711 RTP sinks the server is asked for 8 kHz: no resampling on our side."""
     from sinks import RtpSink
     from tests.rtp_receiver import UdpReceiver, decode_payloads
@@ -319,3 +317,10 @@ async def test_telephony_only_sinks_get_8khz_from_the_server(
         arr = ArraySink(max_blocks=10_000)
         mixed = await engine.say(voice, "Hi.", sinks=[arr, RtpSink("127.0.0.1", rx.port)])
         assert mixed.sample_rate == 24000  # another sink wants the full rate: keep 24 kHz
+
+
+async def test_session_options_reach_the_server(engine: Engine, voice: Voice) -> None:
+    """``**session`` keys travel in session.update: speech_rate 2 halves the audio."""
+    normal = await say_to_array(engine, voice, TEXT)
+    fast = await say_to_array(engine, voice, TEXT, speech_rate=2.0)
+    assert 0.4 < fast.size / normal.size < 0.6

@@ -267,3 +267,15 @@ async def test_tone_chunks_are_independent_copies() -> None:
     first[0][:] = 0  # a consumer may modify what it got
     again = await collect(synth, "Hello.")
     assert np.any(again[0] != 0)
+
+
+@pytest.mark.parametrize("synth", [EspeakSynthesizer(), ToneSynthesizer()], ids=["espeak", "tone"])
+async def test_speech_rate_changes_duration(synth: Synthesizer) -> None:
+    def seconds(chunks: list[PCM16]) -> float:
+        return sum(c.size for c in chunks) / 24000
+
+    normal = seconds(await collect(synth, TEXT, profile=VoiceProfile(speech_rate=1.0)))
+    fast = seconds(await collect(synth, TEXT, profile=VoiceProfile(speech_rate=2.0)))
+    slow = seconds(await collect(synth, TEXT, profile=VoiceProfile(speech_rate=0.5)))
+    assert 0.4 < fast / normal < 0.75  # espeak's pauses do not all shrink with the rate
+    assert 1.4 < slow / normal < 2.3

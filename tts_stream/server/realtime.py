@@ -28,7 +28,7 @@ Choices where protocol.md leaves the behaviour open (§9):
   RIFF header whose size fields are 0xFFFFFFFF, streaming style, then PCM). ``mp3`` and
   ``opus`` are refused at ``session.update`` with an ``invalid_value`` error.
 * ``volume`` scales the samples (50 = unity); ``pitch_rate`` scales the voice's pitch;
-  ``speech_rate`` is accepted and echoed but not applied.
+  ``speech_rate`` scales the speaking rate (espeak words per minute, tone duration).
 * ``response.cancel``: ``cancel="error"`` (default) answers ``error`` "Unsupported event
   type" like any unknown event; ``cancel="truncate"`` stops the current response's audio
   and ends it with ``response.done`` status ``incomplete``.
@@ -672,7 +672,7 @@ class Session:
         pitch = voice.pitch_hz
         if pitch is not None:
             pitch *= float(s.get("pitch_rate", 1.0))
-        profile = VoiceProfile(pitch_hz=pitch)
+        profile = VoiceProfile(pitch_hz=pitch, speech_rate=float(s.get("speech_rate", 1.0)))
         buf = bytearray()
         if s["response_format"] == "wav":
             buf += _wav_header(rate)

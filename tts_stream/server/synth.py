@@ -100,10 +100,12 @@ class VoiceProfile:
     """What the local server keeps of an enrolled voice to make it sound like the sample.
 
     ``pitch_hz`` is the median F0 of the enrollment sample (``samples.measure_pitch``);
-    ``None`` means the backend's default voice.
+    ``None`` means the backend's default voice. ``speech_rate`` is the session's
+    ``speech_rate`` (0.5–2.0): 2.0 speaks twice as fast.
     """
 
     pitch_hz: float | None = None
+    speech_rate: float = 1.0
 
 
 class Synthesizer(Protocol):
@@ -401,10 +403,12 @@ class EspeakSynthesizer:
             else soxr.ResampleStream(ESPEAK_SAMPLE_RATE, sample_rate, 1, dtype="int16")
         )
         chunk = sample_rate * CHUNK_MS // 1000
+        # espeak accepts 80..450 words per minute.
+        rate_wpm = max(80, min(450, round(self._rate_wpm * profile.speech_rate)))
         for i, clause in enumerate(clauses):
             # One clause per job: another session's clauses run in between ours.
             job = functools.partial(
-                engine.synth, clause, voice=voice, pitch=pitch, rate_wpm=self._rate_wpm
+                engine.synth, clause, voice=voice, pitch=pitch, rate_wpm=rate_wpm
             )
             pcm = await loop.run_in_executor(engine.executor, job)
             if resampler is not None:
@@ -452,7 +456,8 @@ class ToneSynthesizer:
     async def stream(
         self, text: str, *, sample_rate: int, language: str | None, profile: VoiceProfile
     ) -> AsyncIterator[PCM16]:
-        """Yield ~60 ms of audio per character in 100 ms chunks, bit-identical per input."""
+        """Yield ~60 ms of audio per character (at speech_rate 1) in 100 ms chunks,
+        bit-identical per input."""
         _check_rate(sample_rate)
         chars = len(text.strip())
         if not chars:
@@ -461,7 +466,8 @@ class ToneSynthesizer:
         table = _tone_phrase(sample_rate, max(40, min(f0, 1000)))
         syl = int(sample_rate * _TONE_SYLLABLE_S)
         # Round up to whole syllables so the utterance never ends mid-syllable (no click).
-        total = math.ceil(chars * _TONE_MS_PER_CHAR * sample_rate / 1000 / syl) * syl
+        ms_per_char = _TONE_MS_PER_CHAR / profile.speech_rate
+        total = math.ceil(chars * ms_per_char * sample_rate / 1000 / syl) * syl
         chunk = sample_rate * CHUNK_MS // 1000
         for start in range(0, total, chunk):
             pos = start % sample_rate
