@@ -4,7 +4,10 @@ Role: start the local server in its *own* process and wait until it listens
 (:class:`ServerProcess`), record the environment with every result file
 (:func:`environment`), write JSON lines (:class:`JsonLines`), summarise distributions
 (:func:`summarize`), read another process's CPU time from ``/proc`` (:func:`proc_cpu_s`),
-pick the event loop (:func:`run_loop`) and draw PNG plots (matplotlib, Agg backend).
+pick the event loop (:func:`run_loop`), record garbage-collector pauses (:class:`GcPauses`),
+read the whole machine's busy time (:func:`machine_busy_s`, the machine is shared), draw PNG
+plots (matplotlib, Agg backend) and summarise py-spy profiles (``python -m bench.common
+profile FILE``).
 
 The server runner is this module itself: ``python -m bench.common serve --pacing realtime
 --stamp-deltas ...`` starts a :class:`tts_stream.server.LocalServer`, prints one JSON line
@@ -41,20 +44,25 @@ from typing import IO, Any, TypeVar
 
 __all__ = [
     "KEY_ENV",
-    "GcPauses",
     "REPO",
     "RESULTS",
+    "GcPauses",
     "JsonLines",
     "ServerProcess",
     "cdf_plot",
     "environment",
     "fmt_ms",
+    "line_plots",
     "machine_busy_s",
+    "main",
+    "peak_rss_kb",
     "proc_cpu_s",
     "proc_rss_kb",
+    "profile_summary",
     "raise_nofile_limit",
     "run_loop",
     "summarize",
+    "write_text",
 ]
 
 REPO = Path(__file__).resolve().parent.parent

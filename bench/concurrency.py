@@ -76,7 +76,7 @@ from bench.common import (
 from tts_stream import AudioFormat, Engine, Frame, SinkStats, Voice
 from tts_stream.messages import VC_MODELS
 
-__all__ = ["TimingSink", "main"]
+__all__ = ["Sampler", "TimingSink", "lateness_ms", "main", "utterance_text", "worker"]
 
 MODEL = VC_MODELS[0]
 _WORDS = "the quick brown fox jumps over a lazy dog while seven bright birds sing softly".split()

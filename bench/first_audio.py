@@ -62,7 +62,7 @@ from sinks import ArraySink
 from tts_stream import Engine, Frame, Voice
 from tts_stream.messages import VC_MODELS
 
-__all__ = ["main"]
+__all__ = ["StampedArraySink", "engine_once", "main", "sdk_once"]
 
 MODEL = VC_MODELS[0]
 MODES = ("warm", "cold", "sdk")
@@ -216,6 +216,8 @@ async def run(args: argparse.Namespace, srv: ServerProcess, gcp: GcPauses) -> li
                 # Not timed: the warm engine has its spare ready and no dial in flight, so
                 # no mode is measured while a background refill competes for the CPU.
                 await warm.prewarm(voice, 1)
+                if args.pause_ms > 0:  # the caller idles before speaking (both processes too)
+                    await asyncio.sleep(args.pause_ms / 1000.0)
                 if mode == "sdk":
                     rec = await asyncio.to_thread(sdk_once, srv.ws_url, voice.name, args.text)
                 else:
@@ -308,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--delta-ms", type=float, default=250.0, help="server delta size")
     parser.add_argument("--modes", default=",".join(MODES), help="subset of warm,cold,sdk")
+    parser.add_argument(
+        "--pause-ms", type=float, default=0.0, help="idle time before every utterance"
+    )
     parser.add_argument(
         "--loop",
         choices=["asyncio", "uvloop"],

@@ -99,3 +99,27 @@ def test_concurrency_script(tmp_path: Path) -> None:
     assert all(u["first_audio_ms"] > 0 for u in utterances)
     assert "| asyncio | 2 |" in out.with_suffix(".md").read_text(encoding="utf-8")
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_summary_of_a_py_spy_raw_file(tmp_path: Path) -> None:
+    raw = tmp_path / "profile.txt"
+    loop = "main (x.py:1);BaseEventLoop._run_once (asyncio/base_events.py:1922)"
+    raw.write_text(
+        f"{loop};Handle._run (asyncio/events.py:80);Connection._reader (c.py:3) 30\n"
+        f"{loop};Handle._run (asyncio/events.py:80);Speech._pump (s.py:9);f (s.py:2) 10\n"
+        f"{loop};EpollSelector.select (selectors.py:468) 500\n"
+    )
+    proc = run_bench("bench.common", "profile", str(raw))
+    assert "busy samples in the event loop: 40" in proc.stdout
+    assert "75.0%  Connection._reader (c.py)" in proc.stdout
+    assert "select" not in proc.stdout
+
+
+def test_lateness_is_measured_against_the_first_frame() -> None:
+    from bench.concurrency import lateness_ms, utterance_text
+
+    # three 100 ms frames at 24 kHz: on time, 30 ms late, 20 ms early
+    writes = [(10.0, 0, 2400), (10.13, 2400, 2400), (10.18, 4800, 2400)]
+    assert lateness_ms(writes, 24000) == pytest.approx([0.0, 30.0, -20.0])
+    text = utterance_text(5.0)
+    assert text.endswith(".") and len(text) == int(5.0 * 1000 / 60)
