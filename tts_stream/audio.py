@@ -49,7 +49,7 @@ class AudioFormat:
         return samples * 1000.0 / self.sample_rate
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Frame:
     """One slice of an utterance's audio.
 

@@ -7,9 +7,9 @@ Role: the thin I/O shell around :class:`~tts_stream.protocol.ClientSession`. It 
 ``session.updated`` (§6.4). One reader task, inside a TaskGroup owned by this object's async
 context manager, feeds every frame to the state machine, decodes audio deltas on the hot path
 (orjson + pybase64 with ``validate=True``) into :class:`~tts_stream.audio.Frame` objects and
-hands them, with the other notifications, to the consumer through a *bounded* anyio memory
-stream: when the consumer is slow, the reader stops reading and TCP flow control pushes back
-on the server.
+hands them, with the other notifications, to the consumer through a *bounded*
+:class:`~tts_stream.channel.Channel`: when the consumer is slow, the reader stops reading
+and TCP flow control pushes back on the server.
 
 Boundary: third-party exceptions (websockets, OSError) are translated here into the
 :mod:`~tts_stream.errors` tree; this module knows nothing about sinks, pools or retries.
@@ -30,13 +30,13 @@ import anyio
 import numpy as np
 import orjson
 import pybase64
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from . import messages as m
 from . import protocol as p
 from .audio import Frame
+from .channel import Channel
 from .config import Endpoint
 from .errors import (
     ClosedError,
@@ -61,7 +61,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _ABORT_CLOSE_TIMEOUT_S = 0.25
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Audio(p.Notification):
     """A decoded audio delta: the frame, plus the server's send stamp when it adds one.
 
@@ -73,7 +73,7 @@ class Audio(p.Notification):
     server_sent_at: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ResponseBegan(p.Notification):
     """``response.created``, stamped with the monotonic time the reader received it."""
 
@@ -121,8 +121,7 @@ class Connection:
         self._channel_size = channel_size
         self._ws: ClientConnection | None = None
         self._stack: contextlib.AsyncExitStack | None = None
-        self._send_ch: MemoryObjectSendStream[Item] | None = None
-        self._recv_ch: MemoryObjectReceiveStream[Item] | None = None
+        self._channel: Channel[Item] | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._closed = asyncio.Event()
@@ -144,8 +143,7 @@ class Connection:
         stack = self._stack = contextlib.AsyncExitStack()
         try:
             self._ws = await self._connect()
-            send, recv = anyio.create_memory_object_stream[Item](self._channel_size)
-            self._send_ch, self._recv_ch = send, recv
+            self._channel = Channel[Item](self._channel_size)
             tg = await stack.enter_async_context(asyncio.TaskGroup())
             # LIFO: on exit the socket closes first, so the reader ends and the group exits.
             stack.push_async_callback(self.aclose)
@@ -173,9 +171,9 @@ class Connection:
             await self._wait_reader()
             return
         self._closing = True
-        if self._recv_ch is not None:
+        if self._channel is not None:
             # Nobody reads any more: a reader blocked on a full channel must not hold the close.
-            self._recv_ch.close()
+            self._channel.close()
         ws = self._ws
         if ws is not None:
             if not self.protocol.complete:
@@ -218,11 +216,11 @@ class Connection:
         await self._closed.wait()
 
     @property
-    def events(self) -> MemoryObjectReceiveStream[Item]:
+    def events(self) -> Channel[Item]:
         """The bounded stream of :class:`Audio` and protocol notifications."""
-        if self._recv_ch is None:
+        if self._channel is None:
             raise ClosedError("connection not open")
-        return self._recv_ch
+        return self._channel
 
     # --- client events ------------------------------------------------------------------------
 
@@ -292,7 +290,7 @@ class Connection:
     # --- reader -------------------------------------------------------------------------------
 
     async def _reader(self) -> None:
-        ws, send = self._ws, self._send_ch
+        ws, send = self._ws, self._channel
         assert ws is not None and send is not None
         code: int | None = None
         reason = ""
@@ -337,7 +335,7 @@ class Connection:
             ):
                 for note in notes:
                     send.send_nowait(note)
-            send.close()
+            send.close_send()
 
     def _handle(self, raw: str) -> list[Item]:
         """Parse one frame and run it through the state machine (the per-delta hot path)."""

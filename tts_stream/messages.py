@@ -125,19 +125,10 @@ _CHECKS: dict[str, tuple[type, ...]] = {
 }
 
 
-def _check(value: Any, annotation: str) -> bool:
-    optional = annotation.endswith(" | None")
-    base = annotation.removesuffix(" | None")
-    if value is None:
-        return optional
-    types = _CHECKS[base]
-    return isinstance(value, types) and not (types == (int,) and isinstance(value, bool))
-
-
 E = TypeVar("E", bound="Event")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Event:
     """Base of every realtime event. ``extra`` keeps keys this version does not know."""
 
@@ -151,19 +142,43 @@ class Event:
 
     @classmethod
     def from_dict(cls: builtins.type[E], data: Mapping[str, Any]) -> E:
+        # Field specs are computed once per class: this runs for every audio delta.
+        extra = dict(data)
+        extra.pop("type", None)
         kwargs: dict[str, Any] = {}
-        extra = {k: v for k, v in data.items() if k != "type"}
-        for f in _payload_fields(cls):
-            if f.name in data:
-                value = data[f.name]
-                if not _check(value, str(f.type)):
-                    what = f"{cls.TYPE or 'event'}: field {f.name!r} must be {f.type}"
+        for name, types, optional, required, no_bool, ann in _field_specs(cls):
+            if name in extra:
+                value = extra[name]
+                if value is None:
+                    if not optional:
+                        what = f"{cls.TYPE or 'event'}: field {name!r} must be {ann}"
+                        raise ProtocolViolation(f"{what}, got None")
+                    continue  # an explicit null stays in extra: it round-trips
+                if not isinstance(value, types) or (no_bool and isinstance(value, bool)):
+                    what = f"{cls.TYPE or 'event'}: field {name!r} must be {ann}"
                     raise ProtocolViolation(f"{what}, got {value!r:.80}")
-                if value is not None:  # an explicit null stays in extra: it round-trips
-                    kwargs[f.name] = extra.pop(f.name)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ProtocolViolation(f"{cls.TYPE}: missing required field {f.name!r}")
+                kwargs[name] = extra.pop(name)
+            elif required:
+                raise ProtocolViolation(f"{cls.TYPE}: missing required field {name!r}")
         return cls(extra=extra, **kwargs)
+
+
+_Spec = tuple[str, tuple[type, ...], bool, bool, bool, str]
+_SPECS: dict[builtins.type[Event], tuple[_Spec, ...]] = {}
+
+
+def _field_specs(cls: builtins.type[Event]) -> tuple[_Spec, ...]:
+    """(name, types, optional, required, no_bool, annotation) per field, cached per class."""
+    specs = _SPECS.get(cls)
+    if specs is None:
+        out = []
+        for f in _payload_fields(cls):
+            ann = str(f.type)
+            types = _CHECKS[ann.removesuffix(" | None")]
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            out.append((f.name, types, ann.endswith(" | None"), required, types == (int,), ann))
+        specs = _SPECS[cls] = tuple(out)
+    return specs
 
 
 def _payload_fields(cls: builtins.type[Event]) -> tuple[dataclasses.Field[Any], ...]:
@@ -190,39 +205,39 @@ def dumps(event: Event) -> str:
 # --- client events (§5.4) ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ClientEvent(Event):
     """An event the client sends."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SessionUpdate(ClientEvent):
     TYPE: ClassVar[str] = "session.update"
     session: dict[str, Any]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class InputTextBufferAppend(ClientEvent):
     TYPE: ClassVar[str] = "input_text_buffer.append"
     text: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class InputTextBufferCommit(ClientEvent):
     TYPE: ClassVar[str] = "input_text_buffer.commit"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class InputTextBufferClear(ClientEvent):
     TYPE: ClassVar[str] = "input_text_buffer.clear"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SessionFinish(ClientEvent):
     TYPE: ClassVar[str] = "session.finish"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ResponseCancel(ClientEvent):
     """Sent by both SDKs but absent from every doc version (§5.4): never relied upon."""
 
@@ -232,12 +247,12 @@ class ResponseCancel(ClientEvent):
 # --- server events (§5.5) ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ServerEvent(Event):
     """An event the server sends."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Error(ServerEvent):
     """``error``: the client reads ``code`` and ``message`` only; the rest is optional (§5.5)."""
 
@@ -258,30 +273,30 @@ class Error(ServerEvent):
         return self.error.get("type") == "invalid_request_error"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SessionCreated(ServerEvent):
     TYPE: ClassVar[str] = "session.created"
     session: dict[str, Any]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SessionUpdated(ServerEvent):
     TYPE: ClassVar[str] = "session.updated"
     session: dict[str, Any]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class InputTextBufferCommitted(ServerEvent):
     TYPE: ClassVar[str] = "input_text_buffer.committed"
     item_id: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class InputTextBufferCleared(ServerEvent):
     TYPE: ClassVar[str] = "input_text_buffer.cleared"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ResponseCreated(ServerEvent):
     TYPE: ClassVar[str] = "response.created"
     response: dict[str, Any]
@@ -291,7 +306,7 @@ class ResponseCreated(ServerEvent):
         return str(self.response.get("id") or "")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ResponseOutputItemAdded(ServerEvent):
     TYPE: ClassVar[str] = "response.output_item.added"
     response_id: str | None = None
@@ -299,7 +314,7 @@ class ResponseOutputItemAdded(ServerEvent):
     item: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ResponseContentPartAdded(ServerEvent):
     TYPE: ClassVar[str] = "response.content_part.added"
     response_id: str | None = None
@@ -309,7 +324,7 @@ class ResponseContentPartAdded(ServerEvent):
     part: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ResponseAudioDelta(ServerEvent):
     """One base64 slice of the output audio stream (§5.8)."""
 
@@ -321,7 +336,7 @@ class ResponseAudioDelta(ServerEvent):
     content_index: int | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ResponseAudioDone(ServerEvent):
     TYPE: ClassVar[str] = "response.audio.done"
     response_id: str | None = None
@@ -330,7 +345,7 @@ class ResponseAudioDone(ServerEvent):
     content_index: int | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ResponseContentPartDone(ServerEvent):
     TYPE: ClassVar[str] = "response.content_part.done"
     response_id: str | None = None
@@ -340,7 +355,7 @@ class ResponseContentPartDone(ServerEvent):
     part: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ResponseOutputItemDone(ServerEvent):
     TYPE: ClassVar[str] = "response.output_item.done"
     response_id: str | None = None
@@ -348,7 +363,7 @@ class ResponseOutputItemDone(ServerEvent):
     item: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ResponseDone(ServerEvent):
     """End of one response; carries billing usage (§5.5, §5.12)."""
 
@@ -371,14 +386,14 @@ class ResponseDone(ServerEvent):
         return value if isinstance(value, int) else None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SessionFinished(ServerEvent):
     """The terminal event; the server closes the socket after it."""
 
     TYPE: ClassVar[str] = "session.finished"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class UnknownEvent(ServerEvent):
     """An event type this version does not know; ``type_name`` and ``extra`` keep it whole."""
 

@@ -64,39 +64,39 @@ class State(enum.Enum):
 # --- notifications (what the state machine tells the I/O layer) -------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Notification:
     """Base of everything :meth:`ClientSession.receive` returns."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Created(Notification):
     session: Mapping[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Configured(Notification):
     """``session.updated``: the session accepts text now."""
 
     session: Mapping[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BufferCommitted(Notification):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BufferCleared(Notification):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ResponseStarted(Notification):
     response_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AudioReceived(Notification):
     """One ``response.audio.delta`` of a live response; ``delta`` is still base64.
 
@@ -109,7 +109,7 @@ class AudioReceived(Notification):
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ResponseFinished(Notification):
     """``response.done``; ``characters`` is the billed ``usage.characters`` when present."""
 
@@ -118,7 +118,7 @@ class ResponseFinished(Notification):
     characters: int | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServerFailure(Notification):
     """An ``error`` event. ``fatal`` errors moved the session to FAILED."""
 
@@ -128,12 +128,12 @@ class ServerFailure(Notification):
     error: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SessionComplete(Notification):
     """``session.finished``: every response triggered before the finish is done."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SessionLost(Notification):
     """The socket closed before the session completed."""
 
@@ -142,7 +142,7 @@ class SessionLost(Notification):
     after_finish: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Ignored(Notification):
     """An event that changes nothing here (unknown types, per-item bookkeeping, retired audio)."""
 

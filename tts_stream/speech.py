@@ -181,6 +181,8 @@ class Speech:
         self._on_done = on_done
         self.state = SpeechState.NEW
         self._progress = asyncio.Event()
+        # Set when the session completes or fails: what finishing waits for (not every delta).
+        self._ended = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._stack: contextlib.AsyncExitStack | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -498,7 +500,7 @@ class Speech:
         conn = att.lease.connection
         lost: BaseException | None = None
         try:
-            async for item in conn.events:
+            async for item in conn.events:  # no loop round-trip when an item is ready
                 if att.retired:
                     return
                 if isinstance(item, Audio):
@@ -517,6 +519,7 @@ class Speech:
                         log.warning("server reported %s: %s", item.code, item.message)
                 elif isinstance(item, p.SessionComplete):
                     att.complete.set()
+                    self._ended.set()
                 elif isinstance(item, p.SessionLost) and lost is None:
                     lost = ConnectionLost(
                         f"connection lost before the session finished (code {item.code})",
@@ -537,6 +540,7 @@ class Speech:
             self._fail(exc)
         finally:
             self._progress.set()
+            self._ended.set()
 
     async def _on_audio(self, att: _Attempt, item: Audio) -> None:
         assert self._fanout is not None
@@ -613,6 +617,7 @@ class Speech:
         if self.state in (SpeechState.OPEN, SpeechState.FINISHING):
             self.state = SpeechState.FAILED
         self._progress.set()
+        self._ended.set()
 
     # --- finishing ----------------------------------------------------------------------------
 
@@ -630,13 +635,13 @@ class Speech:
             att = self._attempt
             if self._failure is not None or att is None or att.complete.is_set():
                 break
-            self._progress.clear()
+            self._ended.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Timeout("session.finished", self.options.drain_timeout)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
-                    await self._progress.wait()
+                    await self._ended.wait()
         async with self._send_lock:
             pass  # a barge-in from another task ended the wait: let it complete first
         if self._failure is not None:
