@@ -18,7 +18,7 @@ from sinks.g711 import alaw_decode, ulaw_decode
 from sinks.rtp import RtpPacket
 from tts_stream.audio import PCM16
 
-__all__ = ["Arrival", "UdpReceiver", "decode_payloads", "unwrap_sequence"]
+__all__ = ["Arrival", "UdpReceiver", "decode_payloads", "free_udp_port", "unwrap_sequence"]
 
 
 @dataclass(frozen=True)
@@ -100,3 +100,25 @@ def decode_payloads(packets: list[RtpPacket], codec: str) -> PCM16:
     if codec == "pcma":
         return alaw_decode(payload)
     return np.frombuffer(payload, ">i2").astype(np.int16)
+
+
+def free_udp_port(*, pair: bool) -> int:
+    """A free port on 127.0.0.1 (even, with port + 1 free too, if ``pair``)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not pair:
+            return port
+        port &= ~1
+        try:
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a,
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b,
+            ):
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free UDP port")

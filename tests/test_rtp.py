@@ -7,7 +7,6 @@ generous bounds only (the precise figures live in bench/rtp_pacing.py).
 from __future__ import annotations
 
 import asyncio
-import socket
 import struct
 import time
 
@@ -36,7 +35,7 @@ from sinks.rtp import (
     rtcp_bye,
     rtcp_sdes_cname,
 )
-from tests.rtp_receiver import UdpReceiver, decode_payloads, unwrap_sequence
+from tests.rtp_receiver import UdpReceiver, decode_payloads, free_udp_port, unwrap_sequence
 from tts_stream.audio import AudioFormat, Frame
 from tts_stream.errors import ClosedError, ProtocolViolation, UsageError
 
@@ -162,9 +161,15 @@ packets = st.builds(
 def test_rtp_packet_round_trip(packet: RtpPacket) -> None:
     data = packet.serialize()
     assert RtpPacket.parse(data) == packet
-    assert data[0] >> 6 == 2 and len(data) == 12 + 4 * len(packet.csrc) + (
-        4 + len(packet.extension.data) if packet.extension else 0
-    ) + len(packet.payload) + packet.padding
+    assert (
+        data[0] >> 6 == 2
+        and len(data)
+        == 12
+        + 4 * len(packet.csrc)
+        + (4 + len(packet.extension.data) if packet.extension else 0)
+        + len(packet.payload)
+        + packet.padding
+    )
 
 
 @given(st.binary(max_size=64))
@@ -236,9 +241,18 @@ def test_sdp_and_options() -> None:
     assert wide.preferred_sample_rate == 16000
     assert "c=IN IP6 ::1" in wide.sdp() and "a=rtpmap:100 L16/16000/1" in wide.sdp()
     assert RtpSink("h", 1, codec="l16", clock_rate=44100).payload_type == 11
-    for kwargs in ({"codec": "opus"}, {"ptime_ms": 5}, {"ptime_ms": 80}, {"payload_type": 128},
-                   {"codec": "pcmu", "clock_rate": 16000}, {"buffer_ms": 20}, {"ssrc": 2**32},
-                   {"initial_sequence": -1}, {"initial_timestamp": 2**32}, {"rtcp_interval": 0}):
+    for kwargs in (
+        {"codec": "opus"},
+        {"ptime_ms": 5},
+        {"ptime_ms": 80},
+        {"payload_type": 128},
+        {"codec": "pcmu", "clock_rate": 16000},
+        {"buffer_ms": 20},
+        {"ssrc": 2**32},
+        {"initial_sequence": -1},
+        {"initial_timestamp": 2**32},
+        {"rtcp_interval": 0},
+    ):
         with pytest.raises(UsageError):
             RtpSink("127.0.0.1", 40000, **kwargs)
 
@@ -294,8 +308,12 @@ async def test_sequence_timestamp_marker_ssrc_spacing() -> None:
 async def test_wrap_around() -> None:
     async with UdpReceiver() as rx:
         sink = RtpSink(
-            "127.0.0.1", rx.port, codec="pcma", ptime_ms=10,
-            initial_sequence=65530, initial_timestamp=2**32 - 400,
+            "127.0.0.1",
+            rx.port,
+            codec="pcma",
+            ptime_ms=10,
+            initial_sequence=65530,
+            initial_timestamp=2**32 - 400,
         )
         await sink.open(AudioFormat(8000))
         await sink.write(Frame(tone(0.15, 8000)))
@@ -422,26 +440,8 @@ async def test_resampler_state_kept_and_anti_aliased() -> None:
     assert at(2000) < at(700) / 1000
 
 
-def free_port_pair() -> int:
-    """An even port p with p and p + 1 free on 127.0.0.1 (RTP and RTCP)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:
-            a.bind(("127.0.0.1", 0))
-            p = int(a.getsockname()[1]) & ~1
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, socket.socket(
-                socket.AF_INET, socket.SOCK_DGRAM
-            ) as b:
-                a.bind(("127.0.0.1", p))
-                b.bind(("127.0.0.1", p + 1))
-                return p
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
-
-
 async def test_rtcp_sender_reports() -> None:
-    port = free_port_pair()
+    port = free_udp_port(pair=True)
     async with UdpReceiver(port) as rx, UdpReceiver(port + 1, parse=False) as rtcp:
         sink = RtpSink("127.0.0.1", port, rtcp=True, rtcp_interval=0.2, cname="me@test")
         await sink.open(AudioFormat(8000))

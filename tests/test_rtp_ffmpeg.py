@@ -22,6 +22,7 @@ import soxr
 
 from sinks import RtpSink
 from sinks.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
+from tests.rtp_receiver import free_udp_port
 from tts_stream.audio import PCM16, AudioFormat, Frame
 
 pytestmark = pytest.mark.peer
@@ -37,27 +38,6 @@ def speechlike(seconds: float, rate: int) -> PCM16:
     x = sum(np.sin(k * phase) / k for k in range(1, 12))
     env = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
     return (x * env * 5000).astype(np.int16)
-
-
-def free_udp_port(*, pair: bool) -> int:
-    """A free port on 127.0.0.1 (even, with port + 1 free too, if ``pair``)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if not pair:
-            return port
-        port &= ~1
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, socket.socket(
-                socket.AF_INET, socket.SOCK_DGRAM
-            ) as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free UDP port")
 
 
 def udp_port_bound(port: int) -> bool:
@@ -97,10 +77,25 @@ async def receive_with_ffmpeg(
     sdp.write_text(sink.sdp())
     out = tmp_path / "out.raw"
     proc = await asyncio.create_subprocess_exec(
-        "ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y",
-        "-protocol_whitelist", "file,udp,rtp", "-i", str(sdp),
-        "-flush_packets", "1", "-f", "s16le", "-acodec", "pcm_s16le", str(out),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        "ffmpeg",
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-nostdin",
+        "-y",
+        "-protocol_whitelist",
+        "file,udp,rtp",
+        "-i",
+        str(sdp),
+        "-flush_packets",
+        "1",
+        "-f",
+        "s16le",
+        "-acodec",
+        "pcm_s16le",
+        str(out),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -111,7 +106,8 @@ async def receive_with_ffmpeg(
         want_bytes = 2 * expect_samples
         await until(
             lambda: out.exists() and out.stat().st_size >= want_bytes,
-            within=FFMPEG_TIMEOUT, what="ffmpeg to decode every packet",
+            within=FFMPEG_TIMEOUT,
+            what="ffmpeg to decode every packet",
         )
     finally:
         await sink.aclose()
