@@ -2,7 +2,7 @@
 
 It carries every audio delta from a connection's reader task to its consumer, so it is on
 the hot path: anyio's memory object streams cost 10–14 % of the loop there (backend lookup
-and a checkpoint per call, bench/README-latency.md). The surface and the exceptions are
+and a checkpoint per call; bench/README.md, hot spot F). The surface and the exceptions are
 anyio's (``WouldBlock``, ``EndOfStream``, ``ClosedResourceError``, ``BrokenResourceError``)
 so callers read the same either way. Not safe for several producers or consumers.
 """

@@ -290,7 +290,7 @@ class Pool(StackResource):
         """Replace a spare just handed out, but not while its lease waits for first audio.
 
         A dial right away competes with that lease for this loop and for the server
-        (bench/README-latency.md: warm first audio 1.1-1.7 ms -> 0.6-0.9 ms p50 deferred).
+        (bench/README.md, Concurrency, hot spot E: it doubled the engine's added latency).
         """
 
         def fire() -> None:
