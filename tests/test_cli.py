@@ -155,3 +155,55 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "first text -> first audio" in text and "deleting the demo voice" in text
     rate, pcm = read_wav(out)
     assert rate == 24000 and pcm.size > 5 * rate
+
+
+def test_speak_to_sound_card_rtp_and_wav_at_once(tmp_path: Path) -> None:
+    """`speak --play --rtp --wav` in a fresh process (PortAudio reads the ALSA config at
+    start-up): the embedded server speaks; the WAV file, an ALSA file device and a plain UDP
+    socket all receive the same utterance."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from sinks.rtp import RtpPacket
+    from tests.audio_env import alsa_file_config
+    from tests.rtp_receiver import decode_payloads
+
+    device = alsa_file_config(tmp_path)
+    data = tmp_path / "data"
+    sample = tmp_path / "me.wav"
+    sample.write_bytes(good_sample_wav())
+    env = {k: v for k, v in os.environ.items() if k != "DASHSCOPE_API_KEY"} | device.env
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "tts_stream", *args, "--data-dir", str(data)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+    created = cli("voices", "create", str(sample), "--name", "all3")
+    assert created.returncode == 0, created.stderr
+    name = created.stdout.strip()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        rx.bind(("127.0.0.1", 0))
+        port = rx.getsockname()[1]
+        out, sdp = tmp_path / "out.wav", tmp_path / "out.sdp"
+        sinks = ["--play", "--wav", str(out), "--rtp", f"127.0.0.1:{port}", "--sdp", str(sdp)]
+        spoken = cli("speak", name, "One voice, three sinks.", *sinks)
+        assert spoken.returncode == 0, spoken.stderr
+        rx.setblocking(False)
+        packets = []
+        while True:
+            try:
+                packets.append(RtpPacket.parse(rx.recv(65536)))
+            except BlockingIOError:
+                break
+    rate, wav = read_wav(out)
+    assert rate == 24000 and np.abs(wav).max() > 1000  # real espeak speech
+    played = device.played()
+    # The ALSA null device runs ~700x faster than real time, so the card underruns between
+    # deltas and plays silence there: compare the non-zero samples, in order, exactly.
+    assert np.array_equal(played[played != 0], wav[wav != 0])
+    assert "m=audio" in sdp.read_text() and f" {port} " in sdp.read_text()
+    phone = decode_payloads(packets, "pcmu")  # 8 kHz: a third of the samples
+    assert abs(phone.size - wav.size / 3) <= 160 * 3
