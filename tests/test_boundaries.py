@@ -1,0 +1,73 @@
+"""The dependency rules of the architecture (README "Architecture"), checked on the source.
+
+The engine never imports ``sinks``; ``sinks`` import only ``tts_stream.audio`` and
+``tts_stream.errors``; the server never imports the client; the pure core imports no
+asyncio, sockets or clock.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PURE = ("messages", "protocol", "audio")
+CLIENT = ("protocol", "connection", "pool", "speech", "fanout", "engine", "enrollment", "config",
+          "metrics", "channel")  # fmt: skip
+
+
+def imports(path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports (relative imports resolved)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            out.add(base)
+            out.update(f"{base}.{alias.name}" for alias in node.names)
+    return out
+
+
+def modules(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", modules("tts_stream"), ids=lambda p: p.name)
+def test_the_engine_never_imports_sinks(path: Path) -> None:
+    if path.name in ("cli.py", "demo.py"):  # the composition roots may
+        return
+    assert not {m for m in imports(path) if m == "sinks" or m.startswith("sinks.")}
+
+
+@pytest.mark.parametrize("path", modules("sinks"), ids=lambda p: p.name)
+def test_sinks_import_only_audio_and_errors(path: Path) -> None:
+    allowed = {"tts_stream.audio", "tts_stream.errors"}
+    ours = {m for m in imports(path) if m.startswith("tts_stream")}
+    assert all(m in allowed or m.rsplit(".", 1)[0] in allowed for m in ours), ours
+
+
+def test_relative_imports_are_resolved() -> None:
+    """The checks above see ``from ..messages import X`` as ``tts_stream.messages``."""
+    found = imports(ROOT / "tts_stream" / "server" / "app.py")
+    assert {"tts_stream.messages", "tts_stream.samples"} <= found
+
+
+@pytest.mark.parametrize("path", modules("tts_stream/server"), ids=lambda p: p.name)
+def test_the_server_never_imports_the_client(path: Path) -> None:
+    client = {f"tts_stream.{m}" for m in CLIENT}
+    hit = {m for m in imports(path) if m in client or m.rsplit(".", 1)[0] in client}
+    assert not hit, hit
+
+
+@pytest.mark.parametrize("name", PURE)
+def test_the_core_is_pure(name: str) -> None:
+    found = imports(ROOT / "tts_stream" / f"{name}.py")
+    banned = {"asyncio", "socket", "time", "anyio", "websockets", "aiohttp", "threading"}
+    assert not found & banned, found & banned
