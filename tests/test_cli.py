@@ -207,3 +207,27 @@ def test_speak_to_sound_card_rtp_and_wav_at_once(tmp_path: Path) -> None:
     assert "m=audio" in sdp.read_text() and f" {port} " in sdp.read_text()
     phone = decode_payloads(packets, "pcmu")  # 8 kHz: a third of the samples
     assert abs(phone.size - wav.size / 3) <= 160 * 3
+
+
+def test_serve_on_a_busy_port_says_how_to_fix_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = ["serve", "--port", str(port), "--backend", "tone", "--data-dir", str(tmp_path)]
+        assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--port 0" in err[0] and str(port) in err[0]
+
+
+def test_asking_for_the_cloud_without_a_key_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
+    assert main(["voices", "list", "--region", "cn"]) == 2
+    err = capsys.readouterr().err
+    assert "DASHSCOPE_API_KEY is not set" in err and "sk-" not in err

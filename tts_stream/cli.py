@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
     target = argparse.ArgumentParser(add_help=False)
     target.add_argument("--base-url", help="service base URL, e.g. http://127.0.0.1:8000")
-    target.add_argument("--region", choices=["intl", "cn"], default="intl")
+    target.add_argument(
+        "--region", choices=["intl", "cn"], default=None, help="DashScope region (default intl)"
+    )
     target.add_argument("--workspace", help="DashScope workspace id")
     target.add_argument(
         "--data-dir",
@@ -203,6 +205,11 @@ async def _target(args: argparse.Namespace) -> AsyncIterator[_Target]:
     if key or args.base_url:
         yield _Target(args.base_url, key)
         return
+    if args.region or args.workspace:
+        raise UsageError(
+            "DASHSCOPE_API_KEY is not set: export it to use the DashScope service "
+            "(or drop --region/--workspace to use the local server)"
+        )
     from .server import LocalServer
 
     data_dir = args.data_dir or default_data_dir()
@@ -217,7 +224,10 @@ async def _voices(args: argparse.Namespace) -> int:
     async with (
         _target(args) as t,
         Engine(
-            api_key=t.api_key, base_url=t.base_url, region=args.region, workspace=args.workspace
+            api_key=t.api_key,
+            base_url=t.base_url,
+            region=args.region or "intl",
+            workspace=args.workspace,
         ) as engine,
     ):
         if args.voices_command == "create":
@@ -284,7 +294,10 @@ async def _speak(args: argparse.Namespace) -> int:
     async with (
         _target(args) as t,
         Engine(
-            api_key=t.api_key, base_url=t.base_url, region=args.region, workspace=args.workspace
+            api_key=t.api_key,
+            base_url=t.base_url,
+            region=args.region or "intl",
+            workspace=args.workspace,
         ) as engine,
     ):
         voice = await engine.voices.find(args.voice)

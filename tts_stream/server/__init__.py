@@ -19,11 +19,13 @@ Files: ``app.py`` (HTTP + routing), ``realtime.py`` (sessions), ``voices.py`` (S
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -300,6 +302,9 @@ def run_serve(
     except asyncio.CancelledError:
         pass
     except OSError as exc:
-        log.error("cannot serve on %s:%s: %s", host, port, exc)
+        hint = " (another server has it: pick another --port, or --port 0 for any free one)"
+        busy = exc.errno == errno.EADDRINUSE or "address already in use" in str(exc)
+        msg = f"cannot serve on {host}:{port}: {exc.strerror or exc}" + (hint if busy else "")
+        print(f"tts-stream: error: {msg}", file=sys.stderr)  # noqa: T201 - the CLI boundary
         return 1
     return 0
