@@ -127,3 +127,63 @@ async def test_names_and_policies_are_validated() -> None:
         Fanout([ArraySink()], FMT, policies={"nope": Policy.DROP_OLDEST})
     fan = Fanout([ArraySink(), ArraySink()], FMT)
     assert fan.names == ("array", "array#2")
+
+
+# --- semantics a "write from the caller when the lane is idle" shortcut must keep ----------------
+# A sink's write may suspend (back-pressure). While its lane's queue has room, that must hold
+# neither the writer nor the other sinks: the frame waits in the queue, not in the caller.
+
+
+async def test_blocked_lossless_sink_does_not_hold_the_writer_while_its_queue_has_room() -> None:
+    arr = ArraySink(max_blocks=1)  # full after one block; nobody reads until all writes returned
+    fs = frames(7)
+    async with asyncio.timeout(TIMEOUT):
+        async with Fanout([arr], FMT, max_buffered_ms=500) as fan:  # 5 frames of 2400
+            # frame 0 in the sink, frame 1 in the lane task's blocked write, 2..6 queued
+            for f in fs:
+                await fan.write(f)
+            (lane,) = fan.stats()
+            assert lane.queued_samples == 5 * 2400 == lane.capacity_samples
+            got = [await arr.get() for _ in fs]
+            await fan.drain()
+            (lane,) = fan.stats()
+    assert [int(b[0]) for b in got if b is not None] == list(range(7))
+    assert lane.samples_out == 7 * 2400 and lane.dropped_frames == 0 and lane.failed is None
+
+
+async def test_blocked_lossless_sink_does_not_stall_the_other_sinks() -> None:
+    fast = ArraySink(max_blocks=1000, name="fast")
+    slow = ArraySink(max_blocks=1, name="slow")  # blocks from its second frame on
+    fs = frames(7)
+    async with asyncio.timeout(TIMEOUT):
+        async with Fanout([slow, fast], FMT, max_buffered_ms=500) as fan:
+            for f in fs:
+                await fan.write(f)
+            # the fast sink gets everything while the slow one is still stuck at frame 1
+            got_fast = [await fast.get() for _ in fs]
+            assert slow.stats().samples_written == 2 * 2400
+            got_slow = [await slow.get() for _ in fs]
+            await fan.drain()
+    assert [int(b[0]) for b in got_fast if b is not None] == list(range(7))
+    assert [int(b[0]) for b in got_slow if b is not None] == list(range(7))
+
+
+async def test_a_failing_sink_is_isolated_and_the_writer_never_sees_its_error() -> None:
+    main = ArraySink(max_blocks=1000, name="main")
+    broken = ArraySink(max_blocks=1000, name="broken")
+    await broken.open(FMT)  # caller-opened, so we can break it under the fan-out
+    fs = frames(5)
+    async with asyncio.timeout(TIMEOUT):
+        async with Fanout([broken, main], FMT) as fan:
+            await fan.write(fs[0])
+            await fan.drain()
+            await broken.aclose()  # its next write raises ClosedError
+            for f in fs[1:]:
+                await fan.write(f)  # never raises
+            await fan.drain()  # nor does draining
+            stats = {s.name: s for s in fan.stats()}
+            got = [await main.get() for _ in fs]
+    assert [int(b[0]) for b in got if b is not None] == list(range(5))
+    assert stats["broken"].failed is not None and "ClosedError" in stats["broken"].failed
+    assert stats["broken"].samples_out == 2400
+    assert stats["main"].failed is None and stats["main"].samples_out == 5 * 2400

@@ -298,6 +298,10 @@ class Fanout(StackResource):
         """Queue ``frame`` for every sink; waits while a lossless queue is full."""
         if self._closed or self._stack is None:
             raise ClosedError("fan-out is closed")
+        # Always through the lane, even an idle one (no direct sink.write from here): a
+        # sink's write may suspend, and must then hold neither this writer (its queue still
+        # has room) nor the other sinks; a write started here cannot be handed over to the
+        # lane's task either (asyncio.timeout & co. bind the task that entered them).
         for lane in self._lanes:
             await lane.put(frame)
 
