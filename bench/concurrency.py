@@ -107,12 +107,17 @@ class TimingSink:
         self.rate = fmt.sample_rate
 
     async def write(self, frame: Frame) -> None:
+        self.write_nowait(frame)
+
+    def write_nowait(self, frame: Frame) -> bool:
+        """Never waits, like a real non-blocking sink (WavSink, a roomy ArraySink)."""
         now = time.monotonic()
         if self._first is None:
             self._first = now
         n = len(frame)
         self.writes.append((now, frame.offset, n))
         self.samples += n
+        return True
 
     async def drain(self) -> None:
         return None

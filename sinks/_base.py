@@ -3,7 +3,8 @@
 :class:`BaseSink` implements the state machine of :class:`tts_stream.audio.Sink` once
 (``NEW → OPEN → CLOSED``), the :class:`~tts_stream.errors.ClosedError` on use after close, the
 idempotent ``aclose`` that always releases, and the counters behind ``stats()``. A concrete sink
-fills in five small hooks (``_open``, ``_write``, ``_drain``, ``_interrupt``, ``_release``).
+fills in five small hooks (``_open``, ``_write``, ``_drain``, ``_interrupt``, ``_release``),
+plus optionally ``_try_write`` (the synchronous half behind the optional ``write_nowait``).
 :class:`OwnedTasks` is the small structure that owns a sink's background tasks: started in
 ``open``, cancelled and awaited in ``aclose``, first failure kept and re-raised to the caller.
 Boundary: imports ``tts_stream.audio`` and ``tts_stream.errors`` only.
@@ -33,6 +34,28 @@ class SinkState(enum.Enum):
     NEW = "new"
     OPEN = "open"
     CLOSED = "closed"
+
+
+def _defined_in(cls: type, attr: str) -> type:
+    return next(c for c in cls.__mro__ if attr in c.__dict__)
+
+
+_EXACT: dict[type, bool] = {}
+
+
+def _nowait_is_exact(cls: type) -> bool:
+    """Whether ``_try_write`` does what ``write`` does for this class.
+
+    Not if a subclass overrode ``write`` (to stamp, count, transform...) or overrode
+    ``_write`` below the class that wrote ``_try_write``: only the override knows what
+    delivering a frame means, so there is no exact non-blocking path.
+    """
+    exact = _EXACT.get(cls)
+    if exact is None:
+        exact = _EXACT[cls] = _defined_in(cls, "write") is BaseSink and issubclass(
+            _defined_in(cls, "_try_write"), _defined_in(cls, "_write")
+        )
+    return exact
 
 
 class BaseSink:
@@ -99,6 +122,35 @@ class BaseSink:
         except BaseException:
             self._write_failed(n)
             raise
+
+    def write_nowait(self, frame: Frame) -> bool:
+        """Deliver ``frame`` exactly as :meth:`write` would, without waiting, or do nothing.
+
+        Returns True if the frame was taken (same counters, ``first_sample_at`` and failure
+        semantics as :meth:`write`), False if taking it would have to wait (nothing changed:
+        call :meth:`write` instead). Misuse raises exactly as :meth:`write` does (UsageError
+        before open, ClosedError after close), never False. Sinks that do not implement the
+        ``_try_write`` hook, and subclasses that override :meth:`write` (or ``_write`` without
+        ``_try_write``), always return False.
+        """
+        if self._state is not SinkState.OPEN:
+            raise self._state_error("write")
+        if not _nowait_is_exact(type(self)):
+            return False
+        samples = frame.samples
+        if samples.size == 0:
+            return True  # write() returns at once for an empty frame
+        n = int(samples.size) // self.format.channels
+        # Same accounting as write(); nothing can observe the counters in between (no await).
+        self._samples_written += n
+        try:
+            taken = self._try_write(samples)
+        except BaseException:
+            self._write_failed(n)
+            raise
+        if not taken:
+            self._samples_written -= n  # refused: as if never called
+        return taken
 
     async def drain(self) -> None:
         """Return once everything written has left the sink (no-op unless open)."""
@@ -168,6 +220,11 @@ class BaseSink:
     async def _write(self, samples: PCM16) -> None:
         """Deliver or queue ``samples`` (non-empty, interleaved if multichannel)."""
         raise NotImplementedError
+
+    def _try_write(self, samples: PCM16) -> bool:
+        """Do exactly what ``_write`` would if it can finish without awaiting, and return True;
+        otherwise change nothing and return False (the default: no non-blocking path)."""
+        return False
 
     def _write_failed(self, samples: int) -> None:
         """``_write`` raised (or was cancelled): by default none of its samples got out."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,6 +23,31 @@ from ._base import BaseSink, SinkState
 __all__ = ["ArraySink"]
 
 log = logging.getLogger(__name__)
+
+
+class _Changed:
+    """``notify_all`` callable from synchronous code (``write_nowait``), ``wait_for(pred)``.
+
+    An ``asyncio.Condition`` needs its lock held to notify, and taking it is a coroutine;
+    every check-and-update here runs without an await in between, so no lock is needed.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def notify_all(self) -> None:
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.add(fut)
+            try:
+                await fut
+            finally:
+                self._waiters.discard(fut)
 
 
 class ArraySink(BaseSink):
@@ -47,40 +73,47 @@ class ArraySink(BaseSink):
         self._write_timeout = write_timeout
         self._blocks: collections.deque[PCM16] = collections.deque()
         self._queued_samples = 0
-        self._changed = asyncio.Condition()
+        self._changed = _Changed()
 
     # -- producer side (the Sink protocol) ------------------------------------------------
 
     async def _write(self, samples: PCM16) -> None:
         block = samples if not samples.flags.writeable else samples.copy()
-        async with self._changed:
-            try:
-                async with asyncio.timeout(self._write_timeout):
-                    await self._changed.wait_for(
-                        lambda: len(self._blocks) < self.max_blocks
-                        or self._state is not SinkState.OPEN
-                    )
-            except TimeoutError:
-                raise Timeout(f"the consumer of {self.name}", self._write_timeout) from None
-            if self._state is not SinkState.OPEN:
-                raise self._state_error("write")
-            self._blocks.append(block)
-            self._queued_samples += int(block.size)
-            self._changed.notify_all()
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await self._changed.wait_for(
+                    lambda: len(self._blocks) < self.max_blocks
+                    or self._state is not SinkState.OPEN
+                )
+        except TimeoutError:
+            raise Timeout(f"the consumer of {self.name}", self._write_timeout) from None
+        if self._state is not SinkState.OPEN:
+            raise self._state_error("write")
+        self._append(block)
+
+    def _try_write(self, samples: PCM16) -> bool:
+        # The state is OPEN (checked by write_nowait); room now means _write would not wait.
+        if len(self._blocks) >= self.max_blocks:
+            return False
+        self._append(samples if not samples.flags.writeable else samples.copy())
+        return True
+
+    def _append(self, block: PCM16) -> None:
+        self._blocks.append(block)
+        self._queued_samples += int(block.size)
+        self._changed.notify_all()
 
     async def _interrupt(self) -> int:
-        async with self._changed:
-            dropped = self._queued_samples // self.format.channels
-            self._blocks.clear()
-            self._queued_samples = 0
-            self._dropped_samples += dropped
-            self._changed.notify_all()
+        dropped = self._queued_samples // self.format.channels
+        self._blocks.clear()
+        self._queued_samples = 0
+        self._dropped_samples += dropped
+        self._changed.notify_all()
         return self._samples_played
 
     async def _release(self) -> None:
         # Queued blocks stay readable; waiting writers and readers are woken up.
-        async with self._changed:
-            self._changed.notify_all()
+        self._changed.notify_all()
 
     # -- consumer side ---------------------------------------------------------------------
 
@@ -94,18 +127,17 @@ class ArraySink(BaseSink):
 
         Waits for the producer: bound it with ``asyncio.timeout`` (or use :meth:`read_all`).
         """
-        async with self._changed:
-            await self._changed.wait_for(
-                lambda: bool(self._blocks) or self._state is SinkState.CLOSED
-            )
-            if not self._blocks:
-                return None
-            block = self._blocks.popleft()
-            self._queued_samples -= int(block.size)
-            self._samples_played += int(block.size) // self.format.channels
-            self._mark_first_sample()
-            self._changed.notify_all()
-            return block
+        await self._changed.wait_for(
+            lambda: bool(self._blocks) or self._state is SinkState.CLOSED
+        )
+        if not self._blocks:
+            return None
+        block = self._blocks.popleft()
+        self._queued_samples -= int(block.size)
+        self._samples_played += int(block.size) // self.format.channels
+        self._mark_first_sample()
+        self._changed.notify_all()
+        return block
 
     def __aiter__(self) -> ArraySink:
         return self

@@ -520,6 +520,22 @@ class RtpSink(BaseSink):
             if not await self._put(block, epoch):
                 return  # interrupted while waiting: the rest of this frame is dropped
 
+    def _try_write(self, samples: PCM16) -> bool:
+        # Only without resampling: how many packets a frame completes must be known before
+        # any state changes, and soxr's output length is known only after it took the input.
+        if self._resampler is not None:
+            return False
+        self._tasks.check()
+        assert self._rechunker is not None
+        packets = (self._rechunker.pending + int(samples.size)) // self._rechunker.block
+        if len(self._queue) + packets > self._max_packets:
+            return False  # _write would wait for room
+        self._seg_written_in += int(samples.size)
+        self._ending = False
+        for block in self._rechunker.push(samples):
+            self._enqueue(block)
+        return True
+
     async def _put(self, block: PCM16, epoch: int, *, draining: bool = False) -> bool:
         """Queue one packet's audio, waiting for room; False if interrupted meanwhile."""
         while len(self._queue) >= self._max_packets:
@@ -529,10 +545,13 @@ class RtpSink(BaseSink):
                 raise self._state_error("write")  # closed while this write was waiting
         if epoch != self._epoch:
             return False
+        self._enqueue(block)
+        return True
+
+    def _enqueue(self, block: PCM16) -> None:
         self._queue.append(self._encode(block))
         self._idle.clear()
         self._data.set()
-        return True
 
     def _resample(self, samples: PCM16, *, last: bool = False) -> PCM16:
         assert self._resampler is not None

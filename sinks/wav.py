@@ -64,6 +64,14 @@ class WavSink(BaseSink):
         self._data_bytes = 0
 
     async def _write(self, samples: PCM16) -> None:
+        self._append(samples)
+
+    def _try_write(self, samples: PCM16) -> bool:
+        # _write never awaits: the non-blocking path is the same code.
+        self._append(samples)
+        return True
+
+    def _append(self, samples: PCM16) -> None:
         assert self._file is not None
         data = samples.astype("<i2", copy=False).tobytes()
         if self._data_bytes + len(data) > _MAX_DATA:

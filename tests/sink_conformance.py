@@ -38,6 +38,7 @@ __all__ = [
     "check_memory_bounded",
     "check_misuse_before_open",
     "check_roundtrip",
+    "check_write_nowait",
     "frames_of",
     "make_signal",
 ]
@@ -268,8 +269,51 @@ async def check_memory_bounded(factory: SinkFactory, tmp_path: Path) -> None:
         assert_stats_consistent(sut, written=n_frames * len(chunk), settled=True)
 
 
+async def check_write_nowait(factory: SinkFactory, tmp_path: Path) -> None:
+    """The optional ``write_nowait`` (see the Sink protocol), when the sink has it.
+
+    Frames given to ``write_nowait`` (True) come out exactly as through ``write``, in order
+    with the awaited writes around them; a refusal (False) changes nothing (the counters show
+    only what was taken). Decided: misuse is not a refusal, ``write_nowait`` raises like
+    ``write`` (UsageError before open, ClosedError naming the state after close).
+    """
+    async with asyncio.timeout(TIMEOUT), factory(tmp_path) as sut:
+        nowait = getattr(sut.sink, "write_nowait", None)
+        if nowait is None:
+            return  # optional: nothing to check
+        audio = make_signal(0.6 if sut.realtime else 2.0, sut.fmt.sample_rate, seed=4)
+        with pytest.raises(UsageError, match="NEW"):
+            nowait(Frame(audio[:10]))
+        assert sut.sink.stats().samples_written == 0
+        await sut.sink.open(sut.fmt)
+        async with asyncio.TaskGroup() as tg:
+            reader = Reader(sut, tg)
+            written = 0
+            i = 0
+            async for frame in frames_of(audio):
+                # alternate: odd frames awaited, even ones tried without waiting first
+                taken = i % 2 == 0 and nowait(frame)
+                assert taken in (True, False)
+                if not taken:
+                    assert sut.sink.stats().samples_written == written  # refusal: no trace
+                    await sut.sink.write(frame)
+                written += len(frame)
+                assert_stats_consistent(sut, written=written, settled=False)
+                i += 1
+            await sut.sink.drain()
+            await sut.sink.aclose()
+            with pytest.raises(ClosedError, match="CLOSED"):
+                nowait(Frame(audio[:10]))
+            delivered = await reader.result()
+        _assert_delivered(sut, delivered, audio, spurts=1)
+        st = assert_stats_consistent(sut, written=len(audio), settled=True)
+        assert st.samples_played == len(audio) and st.dropped_samples == 0
+        assert st.first_sample_at is not None
+
+
 CHECKS: list[Callable[[SinkFactory, Path], Awaitable[None]]] = [
     check_roundtrip,
+    check_write_nowait,
     check_close_twice_and_write_after_close,
     check_misuse_before_open,
     check_interrupt,

@@ -187,3 +187,116 @@ async def test_a_failing_sink_is_isolated_and_the_writer_never_sees_its_error() 
     assert stats["broken"].failed is not None and "ClosedError" in stats["broken"].failed
     assert stats["broken"].samples_out == 2400
     assert stats["main"].failed is None and stats["main"].samples_out == 5 * 2400
+
+
+# --- the optional Sink.write_nowait: idle lossless lanes skip their queue ----------------------
+
+
+async def test_idle_lane_delivers_through_write_nowait_at_once(tmp_path: Path) -> None:
+    wav = WavSink(tmp_path / "d.wav")  # write_nowait always takes the frame
+    fs = frames(4)
+    async with asyncio.timeout(TIMEOUT), Fanout([wav], FMT) as fan:
+        for i, f in enumerate(fs, 1):
+            fan.progress.clear()
+            await fan.write(f)
+            # delivered inside write(): no queue, no lane task involved
+            assert fan.progress.is_set()
+            (lane,) = fan.stats()
+            assert (lane.frames_in, lane.samples_in, lane.samples_out) == (i, i * 2400, i * 2400)
+            assert lane.queued_samples == 0 and lane.peak_queued_samples == 0
+            assert wav.stats().samples_played == i * 2400
+        await fan.drain()
+    with wave.open(str(tmp_path / "d.wav"), "rb") as w:
+        got = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    assert np.array_equal(got, np.concatenate([f.samples for f in fs]))
+
+
+async def test_write_nowait_never_bypasses_a_queued_frame() -> None:
+    arr = ArraySink(max_blocks=1)
+    fs = frames(3)
+    async with asyncio.timeout(TIMEOUT), Fanout([arr], FMT) as fan:
+        await fan.write(fs[0])  # taken by write_nowait: the sink is now full
+        await fan.write(fs[1])  # refused (full): queued in the lane
+        assert fan.stats()[0].queued_samples == 2400
+        first = await arr.get()  # room in the sink again, but frame 1 still waits in the lane
+        await fan.write(fs[2])  # so frame 2 must queue behind it
+        (lane,) = fan.stats()
+        assert lane.queued_samples == 2 * 2400 and lane.samples_out == 2400
+        rest = [await arr.get() for _ in fs[1:]]
+        await fan.drain()
+        (lane,) = fan.stats()
+    assert [int(b[0]) for b in [first, *rest] if b is not None] == [0, 1, 2]
+    assert lane.samples_in == lane.samples_out == 3 * 2400 and lane.dropped_frames == 0
+
+
+async def test_drop_oldest_lanes_keep_their_queue() -> None:
+    mon = ArraySink(max_blocks=1000, name="monitor")
+    async with asyncio.timeout(TIMEOUT):
+        async with Fanout([mon], FMT, policies={"monitor": Policy.DROP_OLDEST}) as fan:
+            await fan.write(frames(1)[0])
+            assert fan.stats()[0].queued_samples == 2400  # not written from the caller
+            await fan.drain()
+            assert fan.stats()[0].samples_out == 2400
+
+
+async def test_a_sink_failing_in_write_nowait_is_isolated(tmp_path: Path) -> None:
+    main = ArraySink(max_blocks=1000, name="main")
+    broken = WavSink(tmp_path / "b.wav", name="broken")
+    await broken.open(FMT)
+    fs = frames(3)
+    async with asyncio.timeout(TIMEOUT):
+        async with Fanout([broken, main], FMT) as fan:
+            await fan.write(fs[0])
+            await broken.aclose()  # write_nowait now raises ClosedError
+            for f in fs[1:]:
+                await fan.write(f)  # never raises
+            await fan.drain()
+            stats = {s.name: s for s in fan.stats()}
+            got = [await main.get() for _ in fs]
+    assert [int(b[0]) for b in got if b is not None] == [0, 1, 2]
+    b = stats["broken"]
+    assert b.failed is not None and "ClosedError" in b.failed
+    # as the lane task counts it: the failing frame went in, the one after it was dropped
+    assert (b.frames_in, b.samples_out, b.dropped_frames) == (2, 2400, 1)
+    assert stats["main"].failed is None and stats["main"].samples_out == 3 * 2400
+
+
+class _CountingArraySink(ArraySink):
+    """Overrides write(): the inherited write_nowait must not bypass the override."""
+
+    def __init__(self) -> None:
+        super().__init__(max_blocks=1000, name="counting")
+        self.writes = 0
+
+    async def write(self, frame: Frame) -> None:
+        self.writes += 1
+        await super().write(frame)
+
+
+async def test_an_overridden_write_is_never_bypassed() -> None:
+    sink = _CountingArraySink()
+    async with asyncio.timeout(TIMEOUT), Fanout([sink], FMT) as fan:
+        assert sink.write_nowait(frames(1)[0]) is False  # refused: nothing happened
+        assert sink.stats().samples_written == 0
+        for f in frames(3):
+            await fan.write(f)
+        await fan.drain()
+        assert sink.writes == 3 and fan.stats()[0].samples_out == 3 * 2400
+
+
+class _SlowWavSink(WavSink):
+    """Overrides _write() only: WavSink's _try_write no longer matches it."""
+
+    async def _write(self, samples: np.ndarray) -> None:
+        await asyncio.sleep(0)
+        await super()._write(samples)
+
+
+async def test_an_overridden_write_hook_is_never_bypassed(tmp_path: Path) -> None:
+    sink = _SlowWavSink(tmp_path / "s.wav")
+    async with asyncio.timeout(TIMEOUT), Fanout([sink], FMT) as fan:
+        assert sink.write_nowait(frames(1)[0]) is False
+        await fan.write(frames(1)[0])
+        assert fan.stats()[0].queued_samples == 2400  # went through the lane's task
+        await fan.drain()
+        assert sink.stats().samples_played == 2400

@@ -87,6 +87,14 @@ class Sink(Protocol):
     ``interrupt()`` stops at once, drops whatever is queued and returns the number of samples
     that actually left the sink. ``write`` may await (back-pressure); after ``aclose`` it raises
     :class:`~tts_stream.errors.ClosedError`.
+
+    Optional (not a member of this protocol; the fan-out looks it up with ``getattr``):
+    ``write_nowait(frame) -> bool``, synchronous. It either delivers ``frame`` exactly as
+    ``await write(frame)`` would (same output, counters, ``first_sample_at``; a failure raises
+    what ``write`` would raise) without waiting, and returns True; or it does nothing at all
+    and returns False (the caller then uses ``write``). Misuse is not a refusal: before
+    ``open`` and after ``aclose`` it raises as ``write`` does
+    (:class:`~tts_stream.errors.ClosedError` once closed), it never returns False for that.
     """
 
     name: str

@@ -9,6 +9,12 @@ through its own queue, drained by its own task (all tasks in a TaskGroup owned b
 * ``DROP_OLDEST``: when the queue is full the oldest queued frame is dropped and counted; for
   monitoring sinks that must never stall the others.
 
+A frame for an idle lossless lane (nothing queued, no write in progress) whose sink has the
+optional non-blocking ``write_nowait`` goes straight into the sink from :meth:`Fanout.write`:
+no queue, no wake-up of the lane's task. ``write_nowait`` either delivers exactly as ``write``
+would or does nothing and returns False, so this never waits in the caller and never
+reorders; when it refuses, the frame takes the queue as usual.
+
 Queues are bounded in *samples* (milliseconds of audio), so memory is bounded by
 configuration, never by the length of an utterance. Boundary: knows the
 :class:`~tts_stream.audio.Sink` protocol only; never imports ``sinks``.
@@ -21,7 +27,7 @@ import contextlib
 import enum
 import logging
 from collections import deque
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ._resource import StackResource
@@ -70,6 +76,9 @@ class _Lane:
         self.ended = False
         self.failed: str | None = None
         self.busy = False  # a write into the sink is in progress
+        # The sink's optional non-blocking write (see the Sink protocol), lossless lanes only.
+        nowait = getattr(sink, "write_nowait", None) if policy is Policy.LOSSLESS else None
+        self.write_nowait: Callable[[Frame], bool] | None = nowait if callable(nowait) else None
         self._data = asyncio.Event()
         self._space = asyncio.Event()
         self._idle = asyncio.Event()
@@ -87,6 +96,10 @@ class _Lane:
 
     def _fits(self, n: int) -> bool:
         return not self.frames or self.queued + n <= self.capacity
+
+    def idle(self) -> bool:
+        """Nothing queued and no write in progress: a frame may go to the sink directly."""
+        return not self.frames and not self.busy and self.failed is None and not self.ended
 
     async def put(self, frame: Frame) -> None:
         if self.failed is not None or self.ended:
@@ -285,24 +298,54 @@ class Fanout(StackResource):
                 await lane.sink.write(frame)
                 lane.samples_out += len(frame)
             except Exception as exc:  # one broken sink never takes the others down
-                lane.failed = repr(exc)
-                dropped = lane.clear()
-                lane.dropped_samples += dropped
-                log.warning("sink %s failed, it gets no more audio: %r", lane.name, exc)
+                self._fail(lane, exc)
             finally:
                 lane.busy = False
                 lane.mark_idle()
                 self.progress.set()
 
+    def _fail(self, lane: _Lane, exc: Exception) -> None:
+        lane.failed = repr(exc)
+        dropped = lane.clear()
+        lane.dropped_samples += dropped
+        log.warning("sink %s failed, it gets no more audio: %r", lane.name, exc)
+
+    def _write_direct(self, lane: _Lane, nowait: Callable[[Frame], bool], frame: Frame) -> bool:
+        """Hand ``frame`` to an idle lane's sink without waiting; False: queue it instead.
+
+        The counters end up exactly as after ``put`` + the worker's write (the frame never
+        sat in the queue, so ``queued``/``peak`` are untouched); a failure is isolated as in
+        the worker.
+        """
+        try:
+            if not nowait(frame):
+                return False
+        except Exception as exc:  # as in _worker: recorded, never raised to the writer
+            lane.frames_in += 1
+            lane.samples_in += len(frame)
+            self._fail(lane, exc)
+            self.progress.set()
+            return True
+        n = len(frame)
+        lane.frames_in += 1
+        lane.samples_in += n
+        lane.samples_out += n
+        self.progress.set()
+        return True
+
     async def write(self, frame: Frame) -> None:
         """Queue ``frame`` for every sink; waits while a lossless queue is full."""
         if self._closed or self._stack is None:
             raise ClosedError("fan-out is closed")
-        # Always through the lane, even an idle one (no direct sink.write from here): a
-        # sink's write may suspend, and must then hold neither this writer (its queue still
-        # has room) nor the other sinks; a write started here cannot be handed over to the
-        # lane's task either (asyncio.timeout & co. bind the task that entered them).
+        # Never an awaited sink.write from here: a sink's write may suspend, and must then
+        # hold neither this writer (its queue still has room) nor the other sinks; a write
+        # started here cannot be handed over to the lane's task either (asyncio.timeout & co.
+        # bind the task that entered them). Only the optional write_nowait, which never
+        # waits, and only on an idle lane, so the sink still sees the frames in order.
         for lane in self._lanes:
+            nowait = lane.write_nowait
+            if nowait is not None and lane.idle() and self._write_direct(lane, nowait, frame):
+                continue
             await lane.put(frame)
 
     def backlog_samples(self) -> int:
