@@ -17,11 +17,14 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import TtsStreamError, UsageError
 from .messages import VC_MODELS
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 __all__ = ["main"]
 
@@ -218,18 +221,20 @@ async def _target(args: argparse.Namespace) -> AsyncIterator[_Target]:
         yield _Target(srv.base_url, srv.api_key)
 
 
-async def _voices(args: argparse.Namespace) -> int:
+@contextlib.asynccontextmanager
+async def _engine(args: argparse.Namespace) -> AsyncIterator[Engine]:
+    """An Engine on the service ``_target`` picks (real, given base URL, or embedded)."""
     from .engine import Engine
 
-    async with (
-        _target(args) as t,
-        Engine(
-            api_key=t.api_key,
-            base_url=t.base_url,
-            region=args.region or "intl",
-            workspace=args.workspace,
-        ) as engine,
-    ):
+    async with _target(args) as t, Engine(
+        api_key=t.api_key, base_url=t.base_url, region=args.region or "intl",
+        workspace=args.workspace,
+    ) as engine:  # fmt: skip
+        yield engine
+
+
+async def _voices(args: argparse.Namespace) -> int:
+    async with _engine(args) as engine:
         if args.voices_command == "create":
             voice = await engine.voices.create(
                 args.sample, preferred_name=args.name, target_model=args.model,
@@ -284,22 +289,12 @@ def build_sinks(args: argparse.Namespace) -> list[Any]:
 
 
 async def _speak(args: argparse.Namespace) -> int:
-    from .engine import Engine
-
     text = sys.stdin.read() if args.text == "-" else args.text
     sinks = build_sinks(args)
     session: dict[str, Any] = {}
     if args.rate:
         session["sample_rate"] = args.rate
-    async with (
-        _target(args) as t,
-        Engine(
-            api_key=t.api_key,
-            base_url=t.base_url,
-            region=args.region or "intl",
-            workspace=args.workspace,
-        ) as engine,
-    ):
+    async with _engine(args) as engine:
         voice = await engine.voices.find(args.voice)
         async with engine.speak(voice, sinks=sinks, model=args.model, mode=args.mode,
                                 **session) as speech:  # fmt: skip
