@@ -24,6 +24,8 @@ from sinks import ArraySink, RtpSink, WavSink
 from tests.conftest import Enroll
 from tests.rtp_receiver import UdpReceiver
 from tts_stream import ConnectionLost, Engine, SpeechOptions, Timeout, Voice
+from tts_stream.config import Endpoint
+from tts_stream.connection import Connection
 from tts_stream.messages import VC_MODELS
 from tts_stream.server import LocalServer
 
@@ -230,3 +232,21 @@ async def test_three_minutes_into_a_real_time_sink_and_from_a_real_time_server(
     assert len(rx.arrivals) >= seconds * 1000 / 20 * 0.99
     with wave.open(wav_path) as w:
         assert w.getnframes() / w.getframerate() >= seconds
+
+
+async def test_an_idle_healthy_connection_is_pinged_and_stays_open(
+    server: LocalServer, enroll: Enroll
+) -> None:
+    """The keepalive runs while the socket is quiet: pings go out and their pongs come back
+    (websockets measures the latency on each pong), and nothing is closed."""
+    voice = await enroll(server)
+    ep = Endpoint.resolve(base_url=server.base_url, api_key=server.api_key)
+    async with (
+        asyncio.timeout(30),
+        Connection(ep, model=MODEL, session={"voice": voice}, ping_interval=0.1,
+                   ping_timeout=0.5) as conn,
+    ):  # fmt: skip
+        assert conn._ws is not None and conn._ws.latency == 0.0
+        await asyncio.sleep(1.0)  # idle on purpose: the condition under test
+        assert conn._ws.latency > 0.0  # a pong was received
+        assert conn.is_usable and conn.close_cause() == "still open"
