@@ -139,6 +139,7 @@ class Connection:
         # (handling a frame, or held by the consumer). The keepalive measures silence with it.
         self._rx_waiting_since: float | None = None
         self._dead_cause: str | None = None  # set by the keepalive when it gives up
+        self._keepalive_wake: asyncio.Future[None] | None = None  # the keepalive's sleep
         self._ws: ClientConnection | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._channel: Channel[Item] | None = None
@@ -366,6 +367,8 @@ class Connection:
             code, reason = 1011, repr(exc)
         finally:
             self._rx_waiting_since = None
+            if self._keepalive_wake is not None:
+                _wake(self._keepalive_wake)  # the socket is closed: the keepalive ends
             self.close_code, self.close_reason = code, reason
             self._closed.set()
             if self.on_closed is not None:
@@ -392,7 +395,9 @@ class Connection:
         """Ping after ``interval`` s of network silence; give up after ``pong_within`` s more.
 
         Only time the reader spends waiting on the socket counts (module docstring). Never
-        raises into the TaskGroup; ends when the socket closes.
+        raises into the TaskGroup; the reader wakes it when the socket has closed. It sleeps
+        on one future and one timer, never by cancellation (a cancelled task leaves reference
+        cycles behind, and hundreds of connections each run one keepalive).
         """
         ws = self._ws
         assert ws is not None
@@ -424,18 +429,29 @@ class Connection:
                         log.warning("%s; closing the connection", self._dead_cause)
                         await ws.close(1011, "keepalive ping timeout")
                         return
-                waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._closed.wait())]
-                if pong is not None:
-                    waiters.append(pong)
-                try:
-                    await asyncio.wait(waiters, timeout=max(wait, 0.001),
-                                       return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-                finally:
-                    waiters[0].cancel()
+                await self._keepalive_sleep(max(wait, 0.001), pong)
         except ConnectionClosed:
             return
         except Exception:  # never let the keepalive crash its owner's TaskGroup
             log.exception("keepalive failed")
+        finally:
+            if pong is not None and pong.done() and not pong.cancelled():
+                pong.exception()  # retrieved (a close fails it), so asyncio logs nothing
+
+    async def _keepalive_sleep(self, seconds: float, pong: asyncio.Future[float] | None) -> None:
+        """Sleep ``seconds``, or until ``pong`` arrives or the reader ends (``_wake``)."""
+        loop = asyncio.get_running_loop()
+        wake = self._keepalive_wake = loop.create_future()
+        if self._closed.is_set():
+            return
+        timer = loop.call_later(seconds, _wake, wake)
+        if pong is not None:
+            pong.add_done_callback(lambda _: _wake(wake))
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._keepalive_wake = None
 
     def _handle(self, raw: str) -> list[Item]:
         """Parse one frame and run it through the state machine (the per-delta hot path)."""
@@ -534,6 +550,11 @@ def _close_info(exc: ConnectionClosed) -> tuple[int | None, str]:
     if exc.rcvd is not None:
         return exc.rcvd.code, exc.rcvd.reason
     return 1006, "connection dropped without a close frame"
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _describe_close(code: int | None, reason: str) -> str:
