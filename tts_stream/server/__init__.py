@@ -34,11 +34,14 @@ from types import TracebackType
 from typing import Any, Literal
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from ..errors import ClosedError, UsageError
 from ..messages import REALTIME_PATH
 from .app import EnrollmentConfig, ServerApp
 from .faults import Counters, Faults, ServerStats
+from .listener import ClientFaultFilter, Listener, connection_cap
 from .realtime import RealtimeConfig
 from .synth import Synthesizer, make_synthesizer
 from .voices import VoiceStore
@@ -46,6 +49,11 @@ from .voices import VoiceStore
 __all__ = ["Faults", "LocalServer"]
 
 log = logging.getLogger(__name__)
+
+# aiohttp logs every malformed request and every mid-request disconnect at ERROR with a
+# traceback: through this logger they are one rate-limited WARNING line instead.
+_http_log = logging.getLogger(__name__ + ".http")
+_http_log.addFilter(ClientFaultFilter((HttpProcessingError, ConnectionError, RequestPayloadError)))
 
 DATA_ENV = "TTS_STREAM_DATA"
 _DB_NAME = "voices.sqlite3"
@@ -66,6 +74,12 @@ class LocalServer:
     clock (epoch seconds) used for voice names, timestamps and the retention purge; tests
     inject their own. Realtime options (``pacing``, ``delta_ms``, ``cut_*``, ``cancel``,
     ``session_timeout_s``) are described in ``realtime.py``.
+
+    Limits against slow, broken or hostile clients: ``max_connections`` open at once (lowered
+    to fit the open-files limit; more wait in the listen backlog), ``header_timeout_s`` for a
+    request's headers to arrive (also the idle keep-alive time), ``body_timeout_s`` for its
+    body, ``max_inspections`` clone samples decoded and analysed at once, ``max_uploads``
+    large bodies (over 1 MiB) read and inspected at once.
     """
 
     def __init__(
@@ -88,6 +102,11 @@ class LocalServer:
         session_timeout_s: float = 600.0,
         synthesizer: Synthesizer | None = None,
         backlog: int = 2048,
+        max_connections: int = 4096,
+        header_timeout_s: float = 20.0,
+        body_timeout_s: float = 30.0,
+        max_inspections: int = 2,
+        max_uploads: int = 4,
     ) -> None:
         if pacing not in ("burst", "realtime"):
             raise UsageError(f"pacing must be 'burst' or 'realtime', not {pacing!r}")
@@ -95,6 +114,10 @@ class LocalServer:
             raise UsageError(f"cancel must be 'error' or 'truncate', not {cancel!r}")
         if delta_ms <= 0:
             raise UsageError("delta_ms must be positive")
+        if min(max_connections, max_inspections, max_uploads) < 1:
+            raise UsageError("max_connections, max_inspections and max_uploads must be >= 1")
+        if min(header_timeout_s, body_timeout_s) <= 0:
+            raise UsageError("header_timeout_s and body_timeout_s must be positive")
         self.host = host
         self._port = port
         self._backend = backend
@@ -106,9 +129,15 @@ class LocalServer:
             cut_max_chars=cut_max_chars, cut_idle_s=cut_idle_s, cancel=cancel,
             session_timeout_s=session_timeout_s,
         )  # fmt: skip
-        self._enrollment = EnrollmentConfig(quota=quota, retention_s=retention_days * _DAY)
+        self._enrollment = EnrollmentConfig(
+            quota=quota, retention_s=retention_days * _DAY, body_timeout_s=body_timeout_s,
+            max_inspections=max_inspections, max_uploads=max_uploads,
+        )  # fmt: skip
         self._clock = clock
         self._backlog = backlog
+        self._max_connections = max_connections
+        self._header_timeout_s = header_timeout_s
+        self._listener: Listener | None = None
         self.faults = Faults()
         self._counters = Counters()
         self._extra_keys: list[str] = []
@@ -159,13 +188,21 @@ class LocalServer:
             )
             for key in (self.api_key, *self._extra_keys):
                 self._app.add_key(key)
+            # aiohttp's keep-alive timer runs from the connection's start (and from each
+            # answer) until a complete request head: that is the header timeout. After an
+            # early answer, an unread body is drained for 2 s at most, then the socket closed.
             self._runner = web.AppRunner(
-                self._app.build(), access_log=None, shutdown_timeout=2.0, handle_signals=False
-            )
+                self._app.build(), access_log=None, shutdown_timeout=2.0, handle_signals=False,
+                keepalive_timeout=self._header_timeout_s, lingering_time=2.0, logger=_http_log,
+            )  # fmt: skip
             await self._runner.setup()
-            site = web.TCPSite(self._runner, self.host, self._port, backlog=self._backlog)
-            await site.start()
-            self._bound_port = int(self._runner.addresses[0][1])
+            assert self._runner.server is not None
+            self._listener = Listener(
+                self._runner.server, max_connections=connection_cap(self._max_connections),
+                backlog=self._backlog,
+            )  # fmt: skip
+            await self._listener.start(self.host, self._port)
+            self._bound_port = self._listener.port
         except BaseException:
             await self.aclose()
             raise
@@ -177,6 +214,9 @@ class LocalServer:
         if self._closed:
             return
         self._closed = True
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -220,6 +260,13 @@ class LocalServer:
         self._extra_keys.append(api_key)
         if self._app is not None:
             self._app.add_key(api_key)
+
+    @property
+    def max_connections(self) -> int:
+        """Connections served at once (``max_connections`` within the open-files limit)."""
+        if self._listener is None:
+            raise UsageError("LocalServer is not started")
+        return self._listener.max_connections
 
     def stats(self) -> ServerStats:
         """A snapshot of the counters (connections, sessions, deltas, ...)."""
