@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -39,7 +40,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from ..errors import ClosedError, UsageError
 from ..messages import REALTIME_PATH
-from .app import EnrollmentConfig, ServerApp
+from .app import EnrollmentConfig, ServerApp, is_loopback_host
 from .faults import Counters, Faults, ServerStats
 from .listener import ClientFaultFilter, Listener, connection_cap
 from .realtime import RealtimeConfig
@@ -64,6 +65,87 @@ def default_data_dir() -> Path:
     """``$TTS_STREAM_DATA`` or ``~/.local/share/tts-stream`` (the ``serve`` default)."""
     env = os.environ.get(DATA_ENV)
     return Path(env) if env else Path.home() / ".local" / "share" / "tts-stream"
+
+
+def public_bind_warning(host: str) -> str | None:
+    """The warning for serving on ``host`` when it is not a loopback address, else None."""
+    if is_loopback_host(host):
+        return None
+    return (f"serving on {host}: reachable from other machines, in plain HTTP (no TLS), so "
+            "the API key crosses the network readable by anyone on the path; bind 127.0.0.1 "
+            "(the default) unless that is what you want. Sample URLs are fetched only for "
+            "clients on this machine.")  # fmt: skip
+
+
+_PRIVATE_HINT = 'use a private directory of your own instead, e.g. --data-dir "$(mktemp -d)"'
+
+
+def _check_owned(path: Path, st: os.stat_result, what: str) -> None:
+    """Refuse ``path`` unless this user owns it and neither group nor others can write it."""
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise UsageError(f"{what} {path} belongs to uid {st.st_uid}, not to you (uid {me}): "
+                         "another user could plant or read its contents; "
+                         f"{_PRIVATE_HINT}")  # fmt: skip
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        mode = stat.S_IMODE(st.st_mode)
+        raise UsageError(f"{what} {path} is writable by group or others (mode {mode:o}): run "
+                         f"'chmod go-w {path}', or {_PRIVATE_HINT}")  # fmt: skip
+
+
+def private_data_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) or check that it is this user's and not group/world-writable.
+
+    Raises :class:`~tts_stream.errors.UsageError` naming the path and the fix otherwise.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"data directory {path} is not a directory")
+    _check_owned(path, st, "data directory")
+    return path
+
+
+def open_private_file(path: Path, flags: int) -> int | None:
+    """A descriptor of the existing regular file ``path``, never through a symlink, after
+    checking its owner and mode; ``None`` when it does not exist (create it with
+    :func:`create_private_file`)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink, dangling or not: never followed
+            raise UsageError(f"{path} is a symbolic link; refusing to follow it: remove it "
+                             "(the server creates the file itself)") from exc  # fmt: skip
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{path} is not a regular file: remove it")
+        _check_owned(path, st, "file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create_private_file(path: Path) -> int:
+    """Create ``path`` for writing with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode 0600."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError as exc:  # appeared meanwhile (or a dangling symlink)
+        raise UsageError(f"{path} appeared while the server was creating it: remove it if "
+                         "you did not make it, then start again") from exc  # fmt: skip
+
+
+def _prepare_store(data_dir: Path) -> Path:
+    """Check the data directory and the database file (created 0600 when absent)."""
+    private_data_dir(data_dir)
+    db = data_dir / _DB_NAME
+    fd = open_private_file(db, os.O_RDONLY)
+    os.close(fd if fd is not None else create_private_file(db))
+    return db
 
 
 class LocalServer:
@@ -166,11 +248,10 @@ class LocalServer:
             if data_dir is None:
                 self._tmpdir = Path(tempfile.mkdtemp(prefix="tts-stream-server-"))
                 data_dir = self._tmpdir
-            else:
-                data_dir.mkdir(parents=True, exist_ok=True)
+            db = _prepare_store(data_dir)
             self.data_dir = data_dir
             self._store = VoiceStore(
-                data_dir / _DB_NAME,
+                db,
                 quota=self._enrollment.quota,
                 retention_s=self._enrollment.retention_s,
             )
@@ -206,6 +287,9 @@ class LocalServer:
         except BaseException:
             await self.aclose()
             raise
+        warning = public_bind_warning(self.host)
+        if warning is not None:
+            log.warning("%s", warning)
         log.info("local server listening on %s (backend %s)", self.base_url, self._backend)
         return self
 
@@ -315,16 +399,13 @@ def run_serve(
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
     key_file: Path | None = None
     key = api_key or os.environ.get("DASHSCOPE_API_KEY")
-    if not key:
-        directory.mkdir(parents=True, exist_ok=True)
-        key_file = directory / "api_key"
-        if key_file.exists():
-            key = key_file.read_text().strip()
+    try:
         if not key:
-            key = "sk-local-" + secrets.token_hex(16)
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(key + "\n")
+            key_file = directory / "api_key"
+            key = _read_or_create_key(key_file)
+    except UsageError as exc:
+        print(f"tts-stream: error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI boundary
+        return 2
 
     def ready(srv: LocalServer) -> None:
         print(srv.base_url, flush=True)  # noqa: T201 - the CLI boundary
@@ -348,6 +429,9 @@ def run_serve(
         asyncio.run(main())
     except asyncio.CancelledError:
         pass
+    except UsageError as exc:  # e.g. a data directory that is not private
+        print(f"tts-stream: error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI boundary
+        return 2
     except OSError as exc:
         hint = " (another server has it: pick another --port, or --port 0 for any free one)"
         busy = exc.errno == errno.EADDRINUSE or "address already in use" in str(exc)
@@ -355,3 +439,20 @@ def run_serve(
         print(f"tts-stream: error: {msg}", file=sys.stderr)  # noqa: T201 - the CLI boundary
         return 1
     return 0
+
+
+def _read_or_create_key(key_file: Path) -> str:
+    """The key stored in ``key_file`` (checked: this user's, not writable by others, no
+    symlink), or a new one written there with mode 0600."""
+    private_data_dir(key_file.parent)
+    fd = open_private_file(key_file, os.O_RDONLY)
+    if fd is not None:
+        with os.fdopen(fd) as f:
+            key = f.read().strip()
+        if key:
+            return key
+        os.unlink(key_file)  # empty (an interrupted first start): make a new one
+    key = "sk-local-" + secrets.token_hex(16)
+    with os.fdopen(create_private_file(key_file), "w") as f:
+        f.write(key + "\n")
+    return key

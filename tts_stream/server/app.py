@@ -10,7 +10,9 @@ Boundary: HTTP in, JSON out; clone samples are judged by :func:`tts_stream.sampl
 flood of uploads must not starve an honest one), voices are kept by
 :class:`~tts_stream.server.voices.VoiceStore`. The only outgoing request this module ever
 makes is the download of an ``http(s)`` sample URL, and only from a loopback address
-(127.0.0.0/8, ::1, ``localhost``), without redirects, proxies, or more than the 10 MB cap.
+(127.0.0.0/8, ::1, ``localhost``), only for a client that itself connects from a loopback
+address (so ``--host 0.0.0.0`` does not open the host's loopback ports to the network),
+without redirects, proxies, or more than the 10 MB cap.
 
 Choices where §4 is silent: a wrong ``model`` is 400 ``InvalidParameter`` "Model not exist.";
 an unknown action is 400 ``InvalidParameter``; a bad base64 payload is ``InvalidParameter``; a
@@ -288,14 +290,16 @@ class ServerApp:
         self.store.purge(now=self.clock())
         action = inp.get("action")
         if action == "create":
-            return await self._create(owner, inp)
+            return await self._create(owner, inp, request.remote)
         if action == "list":
             return self._list(owner, inp)
         if action == "delete":
             return self._delete(owner, inp)
         _bad_param("action", f"Unsupported action {action!r}; use 'create', 'list' or 'delete'.")
 
-    async def _create(self, owner: str, inp: Mapping[str, Any]) -> dict[str, Any]:
+    async def _create(
+        self, owner: str, inp: Mapping[str, Any], client: str | None
+    ) -> dict[str, Any]:
         target_model = inp.get("target_model")
         if target_model not in VC_MODELS:
             _bad_param("target_model", f"Supported: {', '.join(VC_MODELS)}.")
@@ -314,7 +318,7 @@ class ServerApp:
             _bad_param("language", f"Supported: {', '.join(ENROLLMENT_LANGUAGES)}.")
         if self.store.count(owner) >= self.store.quota:  # cheap early answer; exact check below
             _quota_full()
-        sample = await self._load_audio(data)
+        sample = await self._load_audio(data, client)
         loop = asyncio.get_running_loop()
         report = await loop.run_in_executor(self._inspector, inspect_sample, sample)
         if not report.ok:
@@ -340,7 +344,10 @@ class ServerApp:
             "usage": {"count": 1},
         }  # fmt: skip
 
-    async def _load_audio(self, data: str) -> bytes:
+    async def _load_audio(self, data: str, client: str | None) -> bytes:
+        """The sample's bytes from a data URI, or downloaded from a loopback URL, but only for
+        a client on this machine: a server bound to a public address must not let remote
+        clients probe the host's loopback ports (issue 9.9)."""
         limit = self.enrollment.max_audio_bytes
         m = _DATA_URI.match(data)
         if m is not None:
@@ -361,6 +368,11 @@ class ServerApp:
         parts = urlsplit(data)
         if parts.scheme not in ("http", "https"):
             _bad_param("audio.data", "Expected a data URI or an http(s) URL.")
+        if not is_loopback_host(client):
+            _fail(400, "BadRequest.InputDownloadFailed",
+                  "Failed to download the input file: the local server fetches sample URLs "
+                  f"only for clients on this machine, and {client!r} is not; send the audio "
+                  "as a data URI instead.")  # fmt: skip
         if not is_loopback_host(parts.hostname):
             _fail(400, "BadRequest.InputDownloadFailed",
                   "Failed to download the input file: the local server only fetches URLs on "
