@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the local DashScope-compatible server")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; any other is reachable from the network, "
+        "in plain HTTP: a warning is printed)",
+    )
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--backend", choices=["espeak", "tone"], default="espeak")
     s.add_argument("--pacing", choices=["burst", "realtime"], default="burst")
