@@ -548,13 +548,14 @@ def inspect_sample(source: str | os.PathLike[str] | bytes) -> SampleReport:
     uri_size = data_uri_size(size, mime or "application/octet-stream")
     if size >= MAX_BYTES:
         problems.append(
-            Problem("size", f"file is {size / 1e6:.1f} MB; it must be under "
-                    f"{MAX_BYTES / 1e6:.1f} MB", size, MAX_BYTES)
+            Problem("size", f"file is {size:,} bytes ({size / 2**20:.2f} MiB); it must be "
+                    f"under {MAX_BYTES:,} bytes ({MAX_BYTES / 2**20:g} MiB)", size, MAX_BYTES)
         )  # fmt: skip
     if uri_size >= MAX_BYTES:
         problems.append(
-            Problem("data_uri_size", f"as a base64 data URI it is {uri_size / 1e6:.1f} MB; it "
-                    f"must be under {MAX_BYTES / 1e6:.1f} MB", uri_size, MAX_BYTES)
+            Problem("data_uri_size", f"as a base64 data URI it is {uri_size:,} bytes "
+                    f"({uri_size / 2**20:.2f} MiB); it must be under {MAX_BYTES:,} bytes "
+                    f"({MAX_BYTES / 2**20:g} MiB)", uri_size, MAX_BYTES)
         )  # fmt: skip
     base = SampleReport(mime=mime, container=container, size_bytes=size, data_uri_bytes=uri_size)
     if container is None:
