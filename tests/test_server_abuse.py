@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import subprocess
+import sys
 import threading
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -163,3 +166,21 @@ async def test_large_uploads_take_turns_and_small_requests_pass() -> None:
 def test_rates_over_the_maximum_are_problems(rate: int) -> None:
     report = inspect_sample(hostile.absurd_rate_wav(48_000, rate))
     assert report.rules() == {"sample_rate"} and report.sample_rate == rate
+
+
+def test_bench_script_runs(tmp_path: Path) -> None:
+    """``bench/server_abuse.py`` end to end in a tiny configuration (so it never rots)."""
+    out = tmp_path / "abuse.jsonl"
+    argv = ["--repeat", "1", "--flood", "2", "--slow", "4", "--slow-wait", "0.2", "--out"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.server_abuse", *argv, str(out)],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [orjson.loads(line) for line in out.read_text().splitlines()]
+    assert records[0]["kind"] == "env" and records[-1]["kind"] == "summary"
+    summary = records[-1]
+    assert summary["mp3_2h"]["codes"] == ["Audio.DurationLimitError"]
+    assert summary["absurd_rate"]["codes"] == ["Audio.AudioRateError"]
+    assert summary["slow"]["connections"] == 4
