@@ -9,3 +9,8 @@ never imports this package.
 """
 
 from __future__ import annotations
+
+from .agent import Call, CallRecord, SipAgent
+from .media import CallMedia, MediaStats
+
+__all__ = ["Call", "CallMedia", "CallRecord", "MediaStats", "SipAgent"]

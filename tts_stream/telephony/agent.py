@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -177,6 +179,22 @@ class Call:
         await self.media.aclose()
 
 
+def _reachable(plan: MediaPlan, rtp_host: str, source: tuple[str, int]) -> MediaPlan:
+    """Media bound to loopback can only reach loopback: an SDP address outside it (a phone
+    that advertised another interface) is replaced by the address the INVITE came from, as
+    SBCs do for unroutable SDP ("media follows signalling"). Nothing leaves the machine."""
+    try:
+        local_lo = ipaddress.ip_address(rtp_host).is_loopback
+        remote_lo = ipaddress.ip_address(plan.remote_host).is_loopback
+    except ValueError:
+        return plan
+    if local_lo and not remote_lo:
+        log.info("SDP address %s is not reachable from %s: sending media to %s",
+                 plan.remote_host, rtp_host, source[0])  # fmt: skip
+        return dataclasses.replace(plan, remote_host=source[0])
+    return plan
+
+
 class _SipProtocol(asyncio.DatagramProtocol):
     def __init__(self, agent: SipAgent) -> None:
         self.agent = agent
@@ -306,8 +324,8 @@ class SipAgent:
             elif isinstance(item, MediaChanged):
                 call = self.calls.get(item.call_id)
                 if call is not None:
-                    call.plan = item.plan
-                    call.media.use(item.plan)
+                    call.plan = _reachable(item.plan, self.rtp_host, (call.plan.remote_host, 0))
+                    call.media.use(call.plan)
             elif isinstance(item, CallEnded):
                 self._ended(item.call_id, item.reason)
         self._arm()
@@ -358,7 +376,7 @@ class SipAgent:
         if not out:  # cancelled meanwhile
             await media.aclose()
             return
-        plan = self.ua.plan(item.call_id) or item.plan
+        plan = _reachable(self.ua.plan(item.call_id) or item.plan, self.rtp_host, item.source)
         media.use(plan)
         call = Call(self, item.call_id, plan, media, item.caller)
         media._on_digit, media._on_speech = call._on_digit, call._on_speech
@@ -395,6 +413,7 @@ class SipAgent:
             return
         call.record.ended_by = reason
         call._ended.set()
+        call.media.end()
         assert self._tg is not None
         self._finishing += 1
         self._tg.create_task(self._finish(call), name=f"end:{call_id[:12]}")

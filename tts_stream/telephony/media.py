@@ -68,7 +68,7 @@ class CallMedia(asyncio.DatagramProtocol):
         self._jitter = jitter_packets
         self._audio: collections.deque[PCM16] = collections.deque(maxlen=audio_blocks)
         self._audio_ready = asyncio.Event()
-        self._digits: asyncio.Queue[str] = asyncio.Queue(maxsize=digits)
+        self._digits: asyncio.Queue[str | None] = asyncio.Queue(maxsize=digits)
         self._dtmf = DtmfDetector()
         self._pending: dict[int, bytes] = {}  # seq -> payload, waiting for its turn
         self._next: int | None = None
@@ -103,6 +103,14 @@ class CallMedia(asyncio.DatagramProtocol):
         self._decode = None if codec is None else codec.decoder()
         self._codec_pt = plan.codec.payload_type
         self._event_pt = -1 if plan.telephone_event is None else plan.telephone_event.payload_type
+
+    def end(self) -> None:
+        """The call is over: a reader waiting for a digit or audio gets the end now."""
+        self._closed = True
+        if self._digits.full():
+            self._digits.get_nowait()
+        self._digits.put_nowait(None)
+        self._audio_ready.set()
 
     async def aclose(self) -> None:
         self._closed = True
@@ -152,7 +160,7 @@ class CallMedia(asyncio.DatagramProtocol):
                 return
 
     async def digit(self, wait_s: float) -> str | None:
-        """The next DTMF digit, or None after ``wait_s`` seconds."""
+        """The next DTMF digit, or None after ``wait_s`` seconds or at the end of the call."""
         try:
             async with asyncio.timeout(wait_s):
                 return await self._digits.get()
