@@ -58,7 +58,7 @@ async def test_all_sinks_of_a_loop_share_one_clock_and_keep_their_grids() -> Non
         assert all((b - a) % 2**32 == 160 for a, b in zip(ts, ts[1:], strict=False))
         # absolute grid: packet k leaves at start + k * 20 ms (generous bound: loaded CI)
         span = mine[-1][0] - mine[0][0]
-        assert (per - 1) * 0.02 - 0.05 < span < (per - 1) * 0.02 + 0.5
+        assert (per - 1) * 0.02 - 0.3 < span < (per - 1) * 0.02 + 0.5
 
 
 async def test_a_stalled_loop_reanchors_on_the_same_phase(caplog: pytest.LogCaptureFixture) -> None:
