@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ("messages", "protocol", "audio", "ledger")
+PURE = ("messages", "protocol", "audio", "ledger", "telephony/sip", "telephony/sdp",
+        "telephony/ua", "telephony/dtmf")  # fmt: skip
 CLIENT = ("protocol", "connection", "pool", "speech", "fanout", "engine", "enrollment", "config",
           "metrics", "channel")  # fmt: skip
 
@@ -43,6 +44,8 @@ def modules(folder: str) -> list[Path]:
 def test_the_engine_never_imports_sinks(path: Path) -> None:
     if path.name in ("cli.py", "demo.py"):  # the composition roots may
         return
+    if "telephony" in path.parts:  # an application of the engine and the sinks (DESIGN.md)
+        return
     assert not {m for m in imports(path) if m == "sinks" or m.startswith("sinks.")}
 
 
@@ -51,6 +54,28 @@ def test_sinks_import_only_audio_and_errors(path: Path) -> None:
     allowed = {"tts_stream.audio", "tts_stream.errors"}
     ours = {m for m in imports(path) if m.startswith("tts_stream")}
     assert all(m in allowed or m.rsplit(".", 1)[0] in allowed for m in ours), ours
+
+
+@pytest.mark.parametrize("path", modules("tts_stream"), ids=lambda p: p.name)
+def test_the_engine_never_imports_telephony(path: Path) -> None:
+    if path.name in ("cli.py",) or "telephony" in path.parts:
+        return
+    assert not {m for m in imports(path) if m.startswith("tts_stream.telephony")}
+
+
+def test_telephony_uses_only_the_public_api() -> None:
+    """Telephony imports the engine's package API and the sinks, like an application."""
+    allowed = {"tts_stream", "tts_stream.audio", "tts_stream.errors"}
+    for path in modules("tts_stream/telephony"):
+        ours = {m for m in imports(path) if m.startswith("tts_stream")
+                and not m.startswith("tts_stream.telephony")}  # fmt: skip
+        assert all(m in allowed or m.rsplit(".", 1)[0] in allowed for m in ours), (path, ours)
+
+
+@pytest.mark.parametrize("name", ["rtp_packet", "g711"])
+def test_the_rtp_packet_layer_is_pure(name: str) -> None:
+    found = imports(ROOT / "sinks" / f"{name}.py")
+    assert not found & {"asyncio", "socket", "time", "threading"}
 
 
 def test_relative_imports_are_resolved() -> None:

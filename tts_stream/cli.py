@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-play", action="store_true", help="do not use the sound card")
     d.add_argument("--data-dir", type=Path, default=None)
 
+    _add_ivr_parser(sub, target)
+
     dv = sub.add_parser("devices", help="list sound-card output devices")
     dv.add_argument("--backend", choices=["sounddevice", "pyaudio"], default="sounddevice")
     return p
@@ -161,6 +163,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run(_voices(args))
     if args.command == "speak":
         return _run(_speak(args))
+    if args.command == "ivr":
+        return _run(_ivr(args))
     raise AssertionError(args.command)
 
 
@@ -322,6 +326,74 @@ async def _speak(args: argparse.Namespace) -> int:
     first = _measured(m.first_audio_ms, ".1f", " ms") or "none (no audio came back)"
     print(f"first audio {first}, audio {m.audio_ms / 1000:.2f} s, "
           f"{m.billed_characters} billed characters", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+# -- ivr: answer SIP calls and speak a script (tts_stream.telephony) ---------------------------
+
+IVR_GREETING = "Hello. You are speaking with a cloned voice. Press any key, and I will repeat it."
+
+
+def _add_ivr_parser(sub: Any, target: argparse.ArgumentParser) -> None:
+    iv = sub.add_parser("ivr", parents=[target], help="answer SIP calls and speak a script")
+    iv.add_argument("voice", help="voice name (as printed by `voices create`)")
+    iv.add_argument("--listen", default="127.0.0.1:5060", metavar="HOST:PORT",
+                    help="SIP over UDP (default 127.0.0.1:5060)")  # fmt: skip
+    iv.add_argument("--advertise", help="address for Contact/SDP (default: the listen host)")
+    iv.add_argument("--script", type=Path, help="text file: one prompt per line (# comments)")
+    iv.add_argument("--model", default=None, help="default: the voice's target model")
+    iv.add_argument("--max-calls", type=int, default=1000, help="more get 486 Busy Here")
+    iv.add_argument("--max-seconds", type=float, default=None, help="stop after this long")
+
+
+def _ivr_prompts(args: argparse.Namespace) -> list[str]:
+    if args.script is None:
+        return [IVR_GREETING]
+    try:
+        lines = args.script.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read --script {args.script}: {exc}") from exc
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise UsageError(f"--script {args.script} has no prompt (one per line)")
+    return prompts
+
+
+async def _ivr(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .telephony import Call, SipAgent
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--listen wants HOST:PORT, got {args.listen!r}")
+    prompts = _ivr_prompts(args)
+    speak: dict[str, Any] = {"model": args.model} if args.model else {}
+
+    async def script(call: Call) -> None:
+        for prompt in prompts:
+            await call.say(prompt, **speak)  # a key or the caller's voice skips ahead
+        async for digit in call.dtmf(wait_s=3600):
+            await call.say(f"You pressed {digit}.", **speak)
+
+    def ended(r: Any) -> None:
+        first = "-" if r.first_audio_ms is None else f"{r.first_audio_ms:.1f} ms"
+        print(f"call {r.call_id} ({r.ended_by}): first audio {first}, "
+              f"digits {''.join(r.digits) or '-'}", flush=True)  # fmt: skip
+
+    async with _engine(args) as engine:
+        voice = await engine.voices.find(args.voice)
+        async with SipAgent(
+            engine, voice, script, host=host, port=int(port), advertise=args.advertise,
+            max_calls=args.max_calls,
+        ) as agent:
+            agent.on_call_end = ended
+            print(f"ivr: answering SIP calls on {agent.address[0]}:{agent.address[1]} (UDP) "
+                  f"with voice {args.voice}", flush=True)  # fmt: skip
+            if args.max_seconds is None:
+                await agent.serve_forever()
+            else:
+                await asyncio.sleep(args.max_seconds)
     return 0
 
 
