@@ -76,7 +76,7 @@ from ..messages import (
     parse_client_event,
 )
 from .faults import Counters, FaultPlan, Faults
-from .synth import Synthesizer, VoiceProfile
+from .synth import SynthesisBusy, SynthesisError, Synthesizer, VoiceProfile
 from .voices import StoredVoice, VoiceStore
 
 __all__ = [
@@ -632,11 +632,17 @@ class Session:
             "item_id": iid, "output_index": 0, "content_index": 0, "part": part})  # fmt: skip
         self.responding = True
         self.cancel_requested = False
+        failure: SynthesisError | None = None
         try:
             completed = await self._stream_audio(text, rid, iid, voice)
+        except SynthesisError as exc:  # over capacity, or the engine failed: say so, then close
+            completed, failure = False, exc
         finally:
             self.responding = False
-        status = "completed" if completed else "incomplete"
+        if failure is not None:
+            code = failure.code if isinstance(failure, SynthesisBusy) else "InternalError"
+            await self._send_error(code, str(failure), typed=False)
+        status = "failed" if failure else "completed" if completed else "incomplete"
         refs = {"response_id": rid, "item_id": iid, "output_index": 0, "content_index": 0}
         await self._send_obj({"type": "response.audio.done", **refs})
         await self._send_obj({"type": "response.content_part.done", **refs, "part": part})
@@ -651,10 +657,14 @@ class Session:
                         "content": [{"type": "audio", "transcript": ""}]}],
             "usage": {"characters": billable_characters(text)},
         }  # fmt: skip
-        if not completed:
+        if failure is not None:
+            response["status_details"] = {"type": "failed", "error": {"code": code}}
+        elif not completed:
             response["status_details"] = {"type": "incomplete", "reason": "client_cancelled"}
         await self._send_obj({"type": "response.done", "response": response})
         self.svc.counters.responses += 1
+        if failure is not None:
+            raise _CloseNow(1013 if isinstance(failure, SynthesisBusy) else 1011, "synthesis")
 
     async def _stream_audio(self, text: str, rid: str, iid: str, voice: StoredVoice) -> bool:
         """Send the deltas of one response; False when it was cancelled."""
