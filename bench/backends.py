@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import soxr
 
-from bench.common import JsonLines, ServerProcess, environment, summarize, write_text
+from bench.common import ServerProcess, environment, save_results, summarize
 from sinks import ArraySink
 from tests.samplegen import good_sample_wav
 from tts_stream import Engine
@@ -162,13 +162,7 @@ def main() -> int:
     args = ap.parse_args()
     env = environment(loop="asyncio", uptime=os.getloadavg())
     rows = asyncio.run(run(args))
-    with JsonLines(args.out.with_suffix(".jsonl")) as out:
-        out.write(env)
-        for r in rows:
-            out.write(r)
-    text = table(rows, env)
-    write_text(args.out.with_suffix(".md"), text)
-    print(text)
+    save_results(args.out, env, rows, table(rows, env))
     return 0
 
 

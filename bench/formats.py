@@ -39,7 +39,7 @@ import orjson
 import pybase64
 from websockets.asyncio.client import connect
 
-from bench.common import JsonLines, ServerProcess, environment, write_text
+from bench.common import ServerProcess, environment, save_results
 from tests.samplegen import good_sample_wav
 from tts_stream import Engine
 from tts_stream.decode import ResponseDecoders
@@ -162,13 +162,7 @@ def main() -> int:
     args = ap.parse_args()
     env = environment(loop="asyncio", backend=args.backend, uptime=os.getloadavg())
     rows = asyncio.run(run(args))
-    with JsonLines(args.out.with_suffix(".jsonl")) as out:
-        out.write(env)
-        for r in rows:
-            out.write(r)
-    text = table(rows, env)
-    write_text(args.out.with_suffix(".md"), text)
-    print(text)
+    save_results(args.out, env, rows, table(rows, env))
     return 0
 
 

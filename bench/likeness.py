@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bench.common import JsonLines, environment, write_text
+from bench.common import environment, save_results
 from tests.speakers import ESPEAK_SPEAKERS, PIPER_SPEAKERS, Result, measure
 from tts_stream.server import LocalServer
 
@@ -77,17 +77,11 @@ def main() -> int:
     args = ap.parse_args()
     env = environment(loop="asyncio", uptime=os.getloadavg())
     rows = asyncio.run(run())
-    with JsonLines(args.out.with_suffix(".jsonl")) as out:
-        out.write(env)
-        for label, backend, r in rows:
-            out.write({"kind": "likeness", "set": label, "backend": backend,
-                       "speaker": r.speaker, "plain": r.own_untransformed, "own": r.own,
-                       "gain": r.gain, "best_other": r.best_other,
-                       "best_other_name": r.best_other_name,
-                       "closest_is_own": r.closest_is_own})  # fmt: skip
-    text = table(rows, env)
-    write_text(args.out.with_suffix(".md"), text)
-    print(text)
+    records = [{"kind": "likeness", "set": label, "backend": backend, "speaker": r.speaker,
+                "plain": r.own_untransformed, "own": r.own, "gain": r.gain,
+                "best_other": r.best_other, "best_other_name": r.best_other_name,
+                "closest_is_own": r.closest_is_own} for label, backend, r in rows]  # fmt: skip
+    save_results(args.out, env, records, table(rows, env))
     return 0
 
 
