@@ -35,6 +35,9 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q -e ".[dev]"
+	# Only the speaker encoder's weights (tests, bench/likeness.py): the wheel declares torch,
+	# which tests/voice_encoder.py does not need.
+	$(PY) -m pip install -q --no-deps "resemblyzer==0.1.4"
 	touch $@
 
 clean:

@@ -527,6 +527,18 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     Path(path).write_text(text, encoding="utf-8")
 
 
+def save_results(out: Path, env: Mapping[str, Any], records: Iterable[Mapping[str, Any]],
+                 table: str) -> None:  # fmt: skip
+    """``out``.jsonl (the environment first, then the records) and ``out``.md (the table),
+    and the table on stdout."""
+    with JsonLines(out.with_suffix(".jsonl")) as lines:
+        lines.write(env)
+        for record in records:
+            lines.write(record)
+    write_text(out.with_suffix(".md"), table)
+    sys.stdout.write(table + "\n")
+
+
 def profile_summary(path: str | os.PathLike[str], *, top: int = 40) -> str:
     """Shares of event-loop busy time from a ``py-spy record --format raw`` file.
 

@@ -214,7 +214,7 @@ def test_make_synthesizer_names() -> None:
     assert make_synthesizer("espeak").name == "espeak"
     assert make_synthesizer("tone").name == "tone"
     with pytest.raises(UsageError, match="unknown synthesizer"):
-        make_synthesizer("piper")
+        make_synthesizer("kokoro")
 
 
 async def test_bad_sample_rate_is_refused() -> None:

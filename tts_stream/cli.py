@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "in plain HTTP: a warning is printed)",
     )
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--backend", choices=["espeak", "tone"], default="espeak")
+    s.add_argument("--backend", choices=["piper", "espeak", "tone"], default=None,
+                   help="speech backend (default: piper when installed, else espeak)")
     s.add_argument("--pacing", choices=["burst", "realtime"], default="burst")
     s.add_argument("--data-dir", type=Path, default=None)
     s.add_argument("--api-key", help="accept this key (default: $DASHSCOPE_API_KEY or generated)")
@@ -144,10 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from .server import run_serve
+        from .server.synth import default_backend
 
         key = args.api_key or os.environ.get("DASHSCOPE_API_KEY")
+        backend = args.backend or default_backend()
         return run_serve(
-            host=args.host, port=args.port, backend=args.backend, pacing=args.pacing,
+            host=args.host, port=args.port, backend=backend, pacing=args.pacing,
             data_dir=args.data_dir or default_data_dir(), api_key=key,
         )  # fmt: skip
     if args.command == "check":
@@ -235,10 +238,13 @@ async def _target(args: argparse.Namespace) -> AsyncIterator[_Target]:
             "(or drop --region/--workspace to use the local server)"
         )
     from .server import LocalServer
+    from .server.synth import default_backend
 
     data_dir = args.data_dir or default_data_dir()
-    async with LocalServer(data_dir=data_dir, api_key=EMBEDDED_API_KEY, backend="espeak") as srv:
-        log.info("embedded local server at %s (data in %s)", srv.base_url, data_dir)
+    backend = default_backend()
+    async with LocalServer(data_dir=data_dir, api_key=EMBEDDED_API_KEY, backend=backend) as srv:
+        log.info("embedded local server at %s (%s backend, data in %s)", srv.base_url,
+                 backend, data_dir)
         yield _Target(srv.base_url, srv.api_key)
 
 

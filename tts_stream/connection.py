@@ -43,9 +43,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from . import messages as m
 from . import protocol as p
-from .audio import Frame
+from .audio import PCM16, Frame
 from .channel import Channel
 from .config import Endpoint
+from .decode import ResponseDecoders
 from .errors import (
     ClosedError,
     ConnectionFailed,
@@ -128,6 +129,9 @@ class Connection:
         self.model = model
         self.protocol = p.ClientSession(config=session)
         self.sample_rate = int(session.get("sample_rate", 24000))
+        fmt = str(session.get("response_format", "pcm"))
+        # wav/mp3/opus: one incremental decoder per response (decode.py); pcm: none.
+        self._decoders = None if fmt == "pcm" else ResponseDecoders(fmt, self.sample_rate)
         self._open_timeout = open_timeout
         self._configure_timeout = configure_timeout
         self._close_timeout = close_timeout
@@ -478,7 +482,14 @@ class Connection:
         out: list[Item] = []
         for note in self.protocol.receive(event):
             if isinstance(note, p.AudioReceived):
-                out.append(self._decode(note))
+                audio = self._decode(note)
+                if audio.frame.samples.size or self._decoders is None:
+                    out.append(audio)
+            elif isinstance(note, p.ResponseFinished) and self._decoders is not None:
+                tail = self._decoders.finish()  # what the decoder held back to the end
+                if tail.size:
+                    out.append(self._frame(tail, note.response_id, {}))
+                out.append(note)
             elif isinstance(note, p.ResponseStarted):
                 out.append(ResponseBegan(note.response_id, time.monotonic()))
             elif isinstance(note, p.Configured):
@@ -499,12 +510,17 @@ class Connection:
             data = pybase64.b64decode(note.delta, validate=True)
         except ValueError as exc:
             raise ProtocolViolation(f"audio delta is not valid base64: {exc}") from exc
+        if self._decoders is not None:
+            return self._frame(self._decoders.feed(note.response_id, data), note.response_id,
+                               note.extra)  # fmt: skip
         if len(data) % 2:
             raise ProtocolViolation(f"PCM16 delta has an odd number of bytes ({len(data)})")
-        samples = np.frombuffer(data, dtype="<i2")
-        frame = Frame(samples, self._samples, note.response_id, time.monotonic())
+        return self._frame(np.frombuffer(data, dtype="<i2"), note.response_id, note.extra)
+
+    def _frame(self, samples: PCM16, response_id: str, extra: Mapping[str, Any]) -> Audio:
+        frame = Frame(samples, self._samples, response_id, time.monotonic())
         self._samples += int(samples.shape[0])
-        stamp = note.extra.get("x_sent_monotonic")
+        stamp = extra.get("x_sent_monotonic")
         return Audio(frame, float(stamp) if isinstance(stamp, int | float) else None)
 
     def _fail_setup(self, exc: BaseException) -> None:

@@ -89,6 +89,7 @@ async def run_demo(*, out: Path, play: bool, data_dir: Path) -> int:
     from .engine import Engine
     from .samples import inspect_sample
     from .server import LocalServer
+    from .server.synth import default_backend
 
     _say("tts-stream demo: clone a voice and speak with it, all on this machine")
     sample = data_dir / "demo-sample.wav"
@@ -103,12 +104,14 @@ async def run_demo(*, out: Path, play: bool, data_dir: Path) -> int:
          f"{report.longest_speech_s:.1f} s, pitch {report.pitch_hz or 0:.0f} Hz")  # fmt: skip
 
     try:
-        server = LocalServer(data_dir=data_dir, backend="espeak")
+        backend = default_backend()
+        server = LocalServer(data_dir=data_dir, backend=backend)
         await server.start()
     except OSError as exc:
         raise TtsStreamError(f"could not start the local server: {exc}") from exc
     try:
-        _say(f"  local DashScope-compatible server at {server.base_url}")
+        _say(f"  local DashScope-compatible server at {server.base_url}, speaking with "
+             f"the {backend} backend")
         async with Engine(api_key=server.api_key, base_url=server.base_url) as engine:
             with _step("3/5 cloning the voice (qwen-voice-enrollment create)"):
                 voice = await engine.voices.create(

@@ -29,7 +29,7 @@ from .config import Endpoint
 from .enrollment import Voice, Voices
 from .errors import ClosedError, ModelMismatch, UsageError
 from .fanout import Policy
-from .messages import MODES, SAMPLE_RATES, VC_MODELS
+from .messages import MODES, RESPONSE_FORMATS, SAMPLE_RATES, VC_MODELS
 from .metrics import History, UtteranceMetrics
 from .pool import Pool, PoolKey, PoolStats
 from .samples import SampleReport, inspect_sample
@@ -231,8 +231,9 @@ class Engine(StackResource):
         if sample_rate not in SAMPLE_RATES:
             rates = ", ".join(map(str, SAMPLE_RATES))
             raise UsageError(f"sample_rate must be one of {rates}, got {sample_rate!r}")
-        if response_format != "pcm":
-            raise UsageError("only response_format='pcm' can feed sinks")
+        if response_format not in RESPONSE_FORMATS:
+            formats = ", ".join(RESPONSE_FORMATS)
+            raise UsageError(f"response_format must be one of {formats}, got {response_format!r}")
         return PoolKey.make(
             model=model, voice=name, response_format=response_format,
             sample_rate=sample_rate, mode=mode, **session,

@@ -216,8 +216,6 @@ class Speech:
         options: SpeechOptions = SpeechOptions(),  # noqa: B008 - frozen
         on_done: Callable[[UtteranceMetrics], None] | None = None,
     ) -> None:
-        if key.response_format != "pcm":
-            raise UsageError("only response_format='pcm' is decoded into frames for sinks")
         if not sinks:
             raise UsageError("speak() needs at least one sink")
         self.key = key

@@ -411,6 +411,7 @@ def run_serve(
         print(srv.base_url, flush=True)  # noqa: T201 - the CLI boundary
         if key_file is not None:
             print(f"api key in {key_file}", flush=True)  # noqa: T201
+        print(f"speaking with the {backend} backend", flush=True)  # noqa: T201
 
     async def main() -> None:
         task = asyncio.current_task()

@@ -55,6 +55,7 @@ from ..messages import (
 )
 from ..samples import ERROR_CODES, SampleReport, inspect_sample
 from .faults import Counters, Faults
+from .likeness import sample_features
 from .listener import RateLimitedLog
 from .realtime import RealtimeConfig, RealtimeService
 from .synth import Synthesizer
@@ -325,6 +326,7 @@ class ServerApp:
             code, message = _problem_answer(report)
             _fail(400, code, message)
         pitch = report.pitch_hz
+        features = await loop.run_in_executor(self._inspector, sample_features, sample)
         try:
             voice = self.store.create(
                 owner,
@@ -333,6 +335,7 @@ class ServerApp:
                 language=language,
                 pitch_hz=float(pitch) if pitch is not None else None,
                 now=self.clock(),
+                features=features,
             )
         except QuotaFull:
             _quota_full()

