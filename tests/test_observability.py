@@ -80,7 +80,7 @@ def test_figures_of_a_record() -> None:
         server_lag_ms_p50=0.5, billed_characters=7, audio_ms=1500.0, underruns=3,
         retries=1, interrupted=True,
     )  # fmt: skip
-    got = {(f.key, frozenset(f.labels.items())): f.value for f in figures(rec, {"wav:x": "wav"})}
+    got = {(f.key, frozenset(f.labels)): f.value for f in figures(rec, {"wav:x": "wav"})}
 
     def at(key: str, **extra: str) -> float:
         return got[(key, frozenset({"model": "m", "sinks": "wav", **extra}.items()))]
@@ -98,6 +98,9 @@ def test_figures_of_a_record() -> None:
     assert at("utterances", outcome="interrupted") == 1
     assert "resumes" not in {k for k, _ in got}  # zero counts are not published
     assert all("bob" not in v for _, labels in got for _, v in labels)
+    base = (("model", "m"), ("sinks", "wav"))
+    assert all(f.labels[:2] == base for f in figures(rec, {"wav:x": "wav"}))
+
 
 
 def test_every_metric_has_both_names_and_seconds_for_times() -> None:
