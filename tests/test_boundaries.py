@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ("messages", "protocol", "audio", "ledger")
+PURE = ("messages", "protocol", "audio", "ledger", "resume")
 CLIENT = ("protocol", "connection", "pool", "speech", "fanout", "engine", "enrollment", "config",
           "metrics", "channel")  # fmt: skip
 

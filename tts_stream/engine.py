@@ -240,6 +240,7 @@ class Engine(StackResource):
         first_commit: Literal["clause"] | None = None,
         policies: Mapping[str, Policy] | None = None,
         options: SpeechOptions | None = None,
+        on_loss: Literal["fail", "resume"] | None = None,
         **session: Any,
     ) -> Speech:
         """A :class:`~tts_stream.speech.Speech` to use with ``async with``.
@@ -248,7 +249,9 @@ class Engine(StackResource):
         :class:`~tts_stream.errors.ModelMismatch` here, before connecting); a plain voice
         name needs ``model``. ``**session`` adds ``session.update`` keys (``language_type``,
         ``speech_rate``, ``volume``, ``pitch_rate``...). ``policies`` maps sink names to a
-        fan-out :class:`~tts_stream.fanout.Policy`.
+        fan-out :class:`~tts_stream.fanout.Policy`. ``on_loss="resume"`` continues after a
+        connection lost after audio from the next sentence (``server_commit`` mode only; see
+        :mod:`tts_stream.resume`); the default ``"fail"`` raises, never repeating speech.
 
         ``sample_rate`` defaults to the rate every sink prefers when they all agree (telephony
         sinks prefer 8000 Hz, so the server synthesizes at 8 kHz and nothing is resampled),
@@ -265,6 +268,8 @@ class Engine(StackResource):
             changes["first_commit"] = first_commit
         if policies is not None:
             changes["policies"] = dict(policies)
+        if on_loss is not None:
+            changes["on_loss"] = on_loss
         if changes:
             opts = dataclasses.replace(opts, **changes)
         kinds = {sink.name: sink_kind(sink) for sink in sinks}

@@ -97,7 +97,7 @@ class UtteranceMetrics:
     server_lag_ms_max: float | None = None
     retries: int = 0
     resumes: int = 0  # sessions resumed after a loss after audio (on_loss="resume")
-    lost_audio_ms: float = 0.0  # audio of the sentences cut by those losses
+    lost_chars: int = 0  # characters of the sentences those losses cut (heard in part)
     interrupted: bool = False
     error: str | None = None
     started_at: float = 0.0  # monotonic time the utterance began (before acquire)
@@ -154,7 +154,7 @@ class Recorder:
         self.billed = 0
         self.retries = 0
         self.resumes = 0
-        self.lost_audio_ms = 0.0
+        self.lost_chars = 0
         self.interrupted = False
         self.error: str | None = None
         self._gaps: Counter[int] = Counter()
@@ -255,7 +255,7 @@ class Recorder:
             server_lag_ms_max=self._max_lag,
             retries=self.retries,
             resumes=self.resumes,
-            lost_audio_ms=self.lost_audio_ms,
+            lost_chars=self.lost_chars,
             interrupted=self.interrupted,
             error=self.error,
             started_at=self.started_at,

@@ -18,7 +18,7 @@ key                         OpenTelemetry name                              type
 ``interrupts``              ``tts_stream.utterance.interrupts``              counter
 ``retries``                 ``tts_stream.utterance.retries``                 counter
 ``resumes``                 ``tts_stream.utterance.resumes``                 counter
-``lost_audio``              ``tts_stream.utterance.lost_audio``              counter   s
+``lost_chars``              ``tts_stream.utterance.lost_characters``         counter
 ``billed_characters``       ``tts_stream.billed_characters``                 counter
 ``audio``                   ``tts_stream.audio.duration``                    counter   s
 ``utterances``              ``tts_stream.utterances``                        counter
@@ -104,8 +104,9 @@ _SPECS = (
                "{retry}", "Sessions retried before any audio reached a sink"),
     MetricSpec("resumes", "tts_stream.utterance.resumes", "tts_stream_resumes", "counter",
                "{resume}", "Sessions resumed after a loss after audio (on_loss='resume')"),
-    MetricSpec("lost_audio", "tts_stream.utterance.lost_audio", "tts_stream_lost_audio_seconds",
-               "counter", "s", "Audio of interrupted sentences cut by a lost connection"),
+    MetricSpec("lost_chars", "tts_stream.utterance.lost_characters",
+               "tts_stream_lost_characters", "counter", "{character}",
+               "Characters of the sentences a lost connection cut (heard in part, not resumed)"),
     MetricSpec("billed_characters", "tts_stream.billed_characters",
                "tts_stream_billed_characters", "counter", "{character}",
                "Billed characters (sum of usage.characters)"),
@@ -128,6 +129,7 @@ _OTEL_ATTR = {
     "connection_reused": "connection_reused",
 }
 _CACHE_MAX = 4096  # label sets remembered per exporter (bounded: models x sink mixes)
+_GEN_AI = frozenset({"time_to_first_chunk", "duration"})
 _OTEL_COMMON = {"gen_ai.operation.name": "text_to_speech", "gen_ai.provider.name": "dashscope"}
 
 
@@ -144,8 +146,21 @@ def _error_type(error: str | None) -> str:
     return error.split("(", 1)[0] if error else ""
 
 
-def figures(record: UtteranceMetrics, sink_kinds: Mapping[str, str]) -> list[Figure]:
-    """What one finished utterance contributes to each metric (pure)."""
+_last: list[Any] = [None, None, ()]  # the last (record, kinds, figures): both exporters share it
+
+
+def figures(record: UtteranceMetrics, sink_kinds: Mapping[str, str]) -> tuple[Figure, ...]:
+    """What one finished utterance contributes to each metric (pure; the last is remembered,
+    so several exporters of one engine compute it once)."""
+    if _last[0] is record and _last[1] is sink_kinds:
+        cached: tuple[Figure, ...] = _last[2]
+        return cached
+    out = _figures(record, sink_kinds)
+    _last[:] = [record, sink_kinds, out]
+    return out
+
+
+def _figures(record: UtteranceMetrics, sink_kinds: Mapping[str, str]) -> tuple[Figure, ...]:
     base = (("model", record.model), ("sinks", "+".join(sorted(set(sink_kinds.values())))))
     out: list[Figure] = []
 
@@ -170,12 +185,12 @@ def figures(record: UtteranceMetrics, sink_kinds: Mapping[str, str]) -> list[Fig
     add("interrupts", 1 if record.interrupted else None)
     add("retries", record.retries or None)
     add("resumes", record.resumes or None)
-    add("lost_audio", record.lost_audio_ms / 1000.0 if record.lost_audio_ms else None)
+    add("lost_chars", record.lost_chars or None)
     add("billed_characters", record.billed_characters or None)
     add("audio", record.audio_ms / 1000.0 if record.audio_ms else None)
     outcome = "error" if record.error else "interrupted" if record.interrupted else "ok"
     add("utterances", 1, outcome=outcome)
-    return out
+    return tuple(out)
 
 
 # --- OpenTelemetry -------------------------------------------------------------------------------
@@ -211,6 +226,7 @@ class OtelExporter:
         self._instruments: dict[str, Any] = {}
         self._attrs: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
         self._totals: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+        self._gen_ai_attrs: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
         for spec in _SPECS:
             if spec.type == "histogram":
                 inst = meter.create_histogram(
@@ -247,7 +263,7 @@ class OtelExporter:
         if attrs is None:
             if len(cache) >= _CACHE_MAX:
                 cache.clear()
-            attrs = cache[labels] = {**_OTEL_COMMON, **{_OTEL_ATTR[k]: v for k, v in labels}}
+            attrs = cache[labels] = {_OTEL_ATTR[k]: v for k, v in labels}
         return attrs
 
     def __call__(self, record: UtteranceMetrics, sink_kinds: Mapping[str, str]) -> None:
@@ -256,7 +272,11 @@ class OtelExporter:
             if totals is not None:
                 totals[fig.labels] = totals.get(fig.labels, 0.0) + fig.value
                 continue
-            self._instruments[fig.key].record(fig.value, attributes=self._attributes(fig.labels))
+            attrs = self._attributes(fig.labels)
+            if fig.key in _GEN_AI:  # the semantic conventions' required attributes
+                attrs = self._gen_ai_attrs.get(fig.labels) or self._gen_ai_attrs.setdefault(
+                    fig.labels, {**_OTEL_COMMON, **attrs})
+            self._instruments[fig.key].record(fig.value, attributes=attrs)
         if self._tracer is not None:
             self._span(record, sink_kinds)
 

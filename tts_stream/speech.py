@@ -58,6 +58,7 @@ from .fanout import Fanout, LaneStats, Policy
 from .messages import billable_characters
 from .metrics import Recorder, UtteranceMetrics
 from .pool import Lease, Pool, PoolKey
+from .resume import Resumed, SentenceCutter, resume_point
 
 __all__ = ["InterruptReport", "Speech", "SpeechOptions", "SpeechState", "chars_for_billable"]
 
@@ -96,6 +97,12 @@ class SpeechOptions:
     drain_timeout: float = 60.0
     stall_timeout: float = 30.0
     sink_timeout: float = 10.0
+    #: After audio, a lost connection fails the speech ("fail": nothing is ever repeated) or
+    #: continues on a fresh session from the next sentence ("resume", see tts_stream.resume).
+    on_loss: Literal["fail", "resume"] = "fail"
+    resume_attempts: int = 3  # resumes per speech at most
+    resume_backoff_s: float = 0.2  # before each resume, doubled each time, at most 2 s
+    on_resume: Callable[[Resumed], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,13 @@ class Speech:
             raise UsageError("only response_format='pcm' is decoded into frames for sinks")
         if not sinks:
             raise UsageError("speak() needs at least one sink")
+        if options.on_loss not in ("fail", "resume"):
+            raise UsageError(f"on_loss must be 'fail' or 'resume', got {options.on_loss!r}")
+        if options.on_loss == "resume" and key.mode == "commit":
+            raise UsageError(
+                "on_loss='resume' needs mode='server_commit': in commit mode the segments are "
+                "the caller's and the client cannot re-cut them at a sentence"
+            )
         self.key = key
         self.mode = key.mode
         self.fmt = AudioFormat(sample_rate=key.sample_rate)
@@ -205,6 +219,9 @@ class Speech:
         self._samples_out = 0
         self._audio_delivered = False  # audio of the current session reached the fan-out
         self._attempts_left = options.retries
+        # on_loss="resume": commit per sentence; what was resumed so far.
+        self._cutter = SentenceCutter() if options.on_loss == "resume" else None
+        self._resumed: list[Resumed] = []
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -286,6 +303,11 @@ class Speech:
         return self._fanout.stats() if self._fanout else ()
 
     @property
+    def resumes(self) -> tuple[Resumed, ...]:
+        """Every resume after a lost connection (``on_loss="resume"``), in order."""
+        return tuple(self._resumed)
+
+    @property
     def pending_chars(self) -> int:
         """Text pushed that no completed response has consumed yet."""
         return len(self._pending)
@@ -305,6 +327,9 @@ class Speech:
         async with self._send_lock:
             self._check_open("push")
             att = await self._ensure_attempt()
+            if self._cutter is not None:
+                await self._send_cut(att, text)
+                return
             await self._send(att, "append", text)
             self._pending += text
             self._uncommitted += len(text)
@@ -392,6 +417,17 @@ class Speech:
             self._ops.append((op, text))  # replayable until audio reached a sink
         elif self._ops:
             self._ops.clear()
+
+    async def _send_cut(self, att: _Attempt, text: str) -> None:
+        """on_loss="resume": append ``text`` committing after each sentence (lock held)."""
+        assert self._cutter is not None
+        for op, piece in self._cutter.feed(text):
+            if op == "append":
+                await self._send(att, "append", piece)
+                self._pending += piece
+                self._uncommitted += len(piece)
+            elif self._uncommitted > 0:
+                await self._send(att, "commit", "")
 
     async def _ensure_attempt(self) -> _Attempt:
         if self._attempt is None:
@@ -581,7 +617,10 @@ class Speech:
                 break
 
     async def _after_loss(self, att: _Attempt, lost: BaseException) -> None:
-        """The session ended early: retry transparently before audio, else fail."""
+        """The session ended early: retry transparently before audio, else fail (or resume)."""
+        if self._audio_delivered and self._cutter is not None and _retryable(lost):
+            await self._resume(att, lost)
+            return
         if self._audio_delivered or not _retryable(lost) or self._attempts_left <= 0:
             if isinstance(lost, ConnectionLost):
                 lost.audio_received = self._audio_delivered
@@ -609,6 +648,57 @@ class Speech:
                     # The fresh session failed as well: let its own pump (if any) decide.
                     log.info("retry failed: %r", exc)
                 self._fail(exc)
+
+    async def _resume(self, att: _Attempt, lost: BaseException) -> None:
+        """on_loss="resume": continue on a fresh session from the next sentence (bounded)."""
+        opts = self.options
+        async with self._send_lock:
+            if att.retired or self._attempt is not att:
+                return
+            att.retired = True
+            await att.lease.release()
+            self._attempt = None
+            running = self._segments[-1] if self._segments else None
+            heard = running is not None and running.text is None and running.end > running.start
+            skip = resume_point(self._pending, running_heard=heard)
+            cut, rest = self._pending[:skip], self._pending[skip:]
+            if running is not None and running.text is None:
+                running.text = cut  # consumed by the lost response (its rest is never said)
+            self._spoken.append(cut)
+            self._pending, self._created_mark, self._uncommitted = "", 0, 0
+            finishing = self.state is SpeechState.FINISHING
+            if len(self._resumed) >= opts.resume_attempts:
+                self._fail(lost)
+                return
+            await asyncio.sleep(min(opts.resume_backoff_s * 2 ** len(self._resumed), 2.0))
+            try:
+                await self._new_attempt()  # connect failures: retried like any acquire
+            except TtsStreamError as exc:
+                self._fail(exc)
+                return
+            assert self._attempt is not None
+            event = Resumed(
+                attempt=len(self._resumed) + 1,
+                code=getattr(lost, "code", None),
+                reason=str(lost),
+                audio_ms=self.fmt.ms(self._samples_out),
+                cut_text=cut,
+                resumed_text=rest,
+            )  # fmt: skip
+            self._resumed.append(event)
+            self._rec.resumes += 1
+            self._rec.lost_chars += len(cut) if heard else 0
+            log.warning("connection lost after %.0f ms of audio: resumed at a sentence "
+                        "boundary (%d chars cut)", event.audio_ms, len(cut))  # fmt: skip
+            self._cutter = SentenceCutter()
+            await self._send_cut(self._attempt, rest)
+            if finishing:
+                await self._send(self._attempt, "finish", "")
+        if opts.on_resume is not None:
+            try:
+                opts.on_resume(event)
+            except Exception:
+                log.exception("on_resume callback failed")
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:
