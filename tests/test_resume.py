@@ -120,12 +120,14 @@ def check_resumed(got: np.ndarray, alone: list[np.ndarray]) -> int:
     ({"drop_after_deltas": 4}, 1006),
     ({"close_after_deltas": 4, "close_code": 1011}, 1011),
     ({"close_after_deltas": 9, "close_code": 1001}, 1001),
+    ({"stall_after_deltas": 6}, None),  # silent but open: the stall watchdog calls it lost
 ])  # fmt: skip
 async def test_resume_after_a_loss_keeps_the_audio_and_repeats_no_sentence(
-    server: LocalServer, voice: Voice, tmp_path: Path, fault: dict[str, int], code: int
+    server: LocalServer, voice: Voice, tmp_path: Path, fault: dict[str, int], code: int | None
 ) -> None:
     events: list[Resumed] = []
-    opts = SpeechOptions(on_loss="resume", on_resume=events.append, resume_backoff_s=0.01)
+    opts = SpeechOptions(on_loss="resume", on_resume=events.append, resume_backoff_s=0.01,
+                         resume_stall_s=0.3)  # fmt: skip
     async with asyncio.timeout(TIMEOUT), engine_for(server, speech=opts) as engine:
         alone = await per_sentence(engine, voice, TEXT)
         server.faults.set(**fault, times=1)

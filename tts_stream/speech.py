@@ -102,6 +102,7 @@ class SpeechOptions:
     on_loss: Literal["fail", "resume"] = "fail"
     resume_attempts: int = 3  # resumes per speech at most
     resume_backoff_s: float = 0.2  # before each resume, doubled each time, at most 2 s
+    resume_stall_s: float = 5.0  # a response silent this long counts as lost (resume only)
     on_resume: Callable[[Resumed], None] | None = None
 
 
@@ -143,6 +144,8 @@ class _Attempt:
     retired: bool = False
     complete: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    watch: asyncio.Task[None] | None = None  # on_loss="resume": the stall watchdog
+    last_activity: float = 0.0  # monotonic time of the last delta or response start
 
 
 def chars_for_billable(text: str, billable: int) -> int:
@@ -153,6 +156,12 @@ def chars_for_billable(text: str, billable: int) -> int:
             return i
         total += billable_characters(ch)
     return len(text)
+
+
+def _stop_watch(att: _Attempt) -> None:
+    watch, att.watch = att.watch, None
+    if watch is not None and watch is not asyncio.current_task():
+        watch.cancel()
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -459,9 +468,26 @@ class Speech:
         att = _Attempt(lease)
         self._attempt = att
         att.task = self._tg.create_task(self._pump(att), name="tts-stream-speech-pump")
+        if self._cutter is not None:
+            att.last_activity = time.monotonic()
+            att.watch = self._tg.create_task(self._watch(att), name="tts-stream-speech-stall")
+
+    async def _watch(self, att: _Attempt) -> None:
+        """on_loss="resume": a response silent for ``resume_stall_s`` is a lost connection."""
+        limit = self.options.resume_stall_s
+        step = max(limit / 4, 0.01)
+        while not att.retired and not att.complete.is_set():
+            await asyncio.sleep(step)
+            conn = att.lease.connection
+            if conn.protocol.response_active and time.monotonic() - att.last_activity > limit:
+                log.warning("no audio for %.1f s during a response: the session stalled", limit)
+                att.watch = None  # this task resumes now: nobody may cancel it midway
+                await self._after_loss(att, Timeout("audio from a stalled session", limit))
+                return
 
     async def _cancel_pump(self, att: _Attempt) -> None:
         att.retired = True
+        _stop_watch(att)
         task = att.task
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
@@ -575,6 +601,7 @@ class Speech:
             log.exception("speech pump failed")
             self._fail(exc)
         finally:
+            _stop_watch(att)
             self._progress.set()
             self._ended.set()
 
@@ -589,6 +616,7 @@ class Speech:
         out = Frame(frame.samples, self._samples_out, frame.response_id, frame.received_at)
         self._samples_out += n
         self._audio_delivered = True
+        att.last_activity = frame.received_at
         if self._ops:
             self._ops.clear()  # never replayed now: speech must not repeat
         await self._fanout.write(out)
@@ -631,7 +659,7 @@ class Speech:
         async with self._send_lock:
             if att.retired or self._attempt is not att:
                 return
-            att.retired = True
+            await self._cancel_pump(att)  # (the stall watchdog calls this, too)
             await att.lease.release()
             self._attempt = None
             self._rec.forget_audio()
@@ -655,7 +683,7 @@ class Speech:
         async with self._send_lock:
             if att.retired or self._attempt is not att:
                 return
-            att.retired = True
+            await self._cancel_pump(att)  # (the stall watchdog calls this, too)
             await att.lease.release()
             self._attempt = None
             running = self._segments[-1] if self._segments else None
