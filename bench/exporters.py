@@ -2,13 +2,13 @@
 
 Run (one command regenerates bench/results/exporters.{jsonl,md})::
 
-    .venv/bin/python -m bench.exporters            # N=200, 3 repeats of none/both
+    .venv/bin/python -m bench.exporters   # N=200, 3 repeats of none/prometheus/otel/both/all
 
 Each point is a fresh ``bench.concurrency`` worker (same set-up: realtime pacing, tone
 backend, ``--seconds`` of audio per utterance). With ``--exporters both`` the worker attaches
-the OpenTelemetry exporter (real SDK ``MeterProvider`` with a reader, spans on through a
-``SimpleSpanProcessor``) and the Prometheus exporter, and times every observer call on the CPU
-clock. Two figures:
+the OpenTelemetry exporter (real SDK ``MeterProvider`` with a reader) and the Prometheus
+exporter (``all``: OpenTelemetry spans too, through a ``SimpleSpanProcessor``; ``otel`` and
+``prometheus``: one of them), and times every observer call on the CPU clock. Two figures:
 
 * **direct**: exporter CPU / client CPU of the same run (what the exporters themselves cost;
   robust to the machine's load, since both are this process's CPU time);
@@ -38,6 +38,13 @@ from bench.common import RESULTS, JsonLines, ServerProcess, environment, run_loo
 from bench.concurrency import _enroll, _run_point
 
 SCRAPE = "scrape_ms"
+MODES = {
+    "none": "no exporter",
+    "prometheus": "Prometheus only",
+    "otel": "OpenTelemetry metrics only (SDK MeterProvider)",
+    "both": "OpenTelemetry metrics + Prometheus",
+    "all": "OpenTelemetry metrics and spans (spans=True) + Prometheus",
+}
 
 
 def uptime() -> str:
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                              args={k: str(v) for k, v in vars(args).items()}))  # fmt: skip
         voice = run_loop(_enroll(srv), "asyncio")
         for rep in range(args.repeats):
-            for mode in ("none", "both", "all"):
+            for mode in MODES:
                 point_args.exporters = mode
                 load = uptime()
                 p = _run_point(srv, voice, args.n, args.loop, point_args, utter)
@@ -89,9 +96,9 @@ def report(points: list[dict[str, Any]], args: argparse.Namespace) -> str:
     ok = [p for p in points if "error" not in p]
     none = [p for p in ok if p["exporters"] == "none"]
     out = [f"# Exporter cost at N={args.n} ({args.loop}, {args.seconds:g} s per utterance)", ""]
-    for mode, title in (("both", "OpenTelemetry metrics + Prometheus (the default set-up)"),
-                        ("all", "the same plus OpenTelemetry spans (spans=True)")):  # fmt: skip
-        out += [f"## {title}", "", _table([p for p in ok if p["exporters"] == mode], none)]
+    for mode, title in MODES.items():
+        if mode != "none":
+            out += [f"## {title}", "", _table([p for p in ok if p["exporters"] == mode], none)]
     out += ["Load during the runs (`uptime`):", "",
             *[f"- {p['exporters']} rep {p['repeat']}: {p['uptime']}" for p in ok], ""]  # fmt: skip
     return "\n".join(out)
@@ -117,7 +124,7 @@ def _table(both: list[dict[str, Any]], none: list[dict[str, Any]]) -> str:
         f"| client CPU per audio-second, with / without (A/B median) | "
         f"{cpu_per_audio(both)} / {cpu_per_audio(none)} ms |",
         f"| one Prometheus scrape (CPU) | "
-        f"{', '.join(f'{p.get(SCRAPE, 0):.2f}' for p in both)} ms |",
+        f"{', '.join(f'{p.get(SCRAPE) or 0:.2f}' for p in both)} ms |",
         "",
     ]  # fmt: skip
     return "\n".join(lines)
