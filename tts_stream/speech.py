@@ -711,11 +711,8 @@ class Speech:
         self._attempts_left -= 1
         log.info("session lost before any audio (%s): retrying on a fresh session", lost)
         async with self._send_lock:
-            if att.retired or self._attempt is not att:
+            if not await self._take_over(att):
                 return
-            await self._cancel_pump(att)  # (the stall watchdog calls this, too)
-            await att.lease.release()
-            self._attempt = None
             self._rec.forget_audio()
             self._segments = []
             self._pending = "".join(t for op, t in self._ops if op == "append")
@@ -731,15 +728,21 @@ class Speech:
                     log.info("retry failed: %r", exc)
                 self._fail(exc)
 
+    async def _take_over(self, att: _Attempt) -> bool:
+        """Retire the lost attempt ``att`` if it is still current (the send lock is held)."""
+        if att.retired or self._attempt is not att:
+            return False  # someone else (the pump or the stall watchdog) took over already
+        await self._cancel_pump(att)
+        await att.lease.release()
+        self._attempt = None
+        return True
+
     async def _resume(self, att: _Attempt, lost: BaseException) -> None:
         """on_loss="resume": continue on a fresh session from the next sentence (bounded)."""
         opts = self.options
         async with self._send_lock:
-            if att.retired or self._attempt is not att:
+            if not await self._take_over(att):
                 return
-            await self._cancel_pump(att)  # (the stall watchdog calls this, too)
-            await att.lease.release()
-            self._attempt = None
             running = self._segments[-1] if self._segments else None
             heard = running is not None and running.text is None and running.end > running.start
             skip = resume_point(self._pending, running_heard=heard)
