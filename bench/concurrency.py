@@ -259,8 +259,11 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
                     configure_timeout=60.0)  # fmt: skip
     timeout = args.seconds * 4 + args.ramp_s + 60.0
     async with engine:
+        exporters = _install_exporters(engine, args.exporters)
         # One utterance first (not measured): first-use costs (lazy imports, caches) are paid.
         await engine.say(voice, "Warm up.", sinks=[TimingSink()])
+        if exporters is not None:
+            exporters.mark_warm()
         t = time.monotonic()
         cpu = time.process_time()
         srv_cpu = proc_cpu_s(args.server_pid)
@@ -301,6 +304,11 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         busy1 = machine_busy_s()
         _stop_profiler(profiler, args)
         out["refill_dials"] = engine.pool_stats().dials - dials0
+        if exporters is not None:
+            out["exporters"] = args.exporters
+            out["exporter_cpu_s"] = exporters.cpu_s - exporters.warmup_cpu_s
+            out["exporter_calls"] = exporters.calls - exporters.warmup_calls
+            out["scrape_ms"] = exporters.scrape_ms()
         out["rss_end_kb"] = proc_rss_kb()
     recs = [task.result() for task in tasks]
     gcp.__exit__()
@@ -393,6 +401,62 @@ def _summarize_worker(out: dict[str, Any], recs: list[dict[str, Any]],
 # --- parent --------------------------------------------------------------------------------------
 
 
+class _TimedExporters:
+    """The exporters of ``--exporters``, each call timed on the CPU clock (the bench's cost)."""
+
+    def __init__(self, engine: Engine, which: str) -> None:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+            InMemorySpanExporter,
+        )
+
+        from tts_stream.observability import OtelExporter, PrometheusExporter
+
+        self.cpu_s = 0.0
+        self.calls = 0
+        self.warmup_cpu_s = 0.0
+        self.warmup_calls = 0
+        self.prom: PrometheusExporter | None = None
+        observers: list[Any] = []
+        if which in ("otel", "both", "all"):  # the real SDK aggregating ("all": with spans)
+            self.reader = InMemoryMetricReader()
+            tracer = TracerProvider()
+            tracer.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+            observers.append(OtelExporter(meter_provider=MeterProvider(metric_readers=[
+                self.reader]), tracer_provider=tracer, spans=which == "all"))  # fmt: skip
+        if which in ("prometheus", "both", "all"):
+            self.prom = PrometheusExporter(engine, observe=False)  # timed below
+            observers.append(self.prom)
+
+        def timed(record: Any, kinds: Any) -> None:
+            t = time.process_time()
+            for obs in observers:
+                obs(record, kinds)
+            self.cpu_s += time.process_time() - t
+            self.calls += 1
+
+        engine.add_observer(timed)
+
+    def mark_warm(self) -> None:
+        self.warmup_cpu_s, self.warmup_calls = self.cpu_s, self.calls
+
+    def scrape_ms(self) -> float | None:
+        if self.prom is None:
+            return None
+        from prometheus_client import generate_latest
+
+        t = time.process_time()
+        generate_latest(self.prom.registry)
+        return (time.process_time() - t) * 1000.0
+
+
+def _install_exporters(engine: Engine, which: str) -> _TimedExporters | None:
+    return None if which == "none" else _TimedExporters(engine, which)
+
+
 async def _enroll(srv: ServerProcess) -> str:
     from tests.samplegen import good_sample_wav
 
@@ -412,7 +476,7 @@ def _run_point(srv: ServerProcess, voice: str, n: int, loop: str,
         "--allowance-ms", str(args.allowance_ms), "--sink", args.sink,
         "--dial-concurrency", str(args.dial_concurrency), "--utterances-out", str(utter_path),
     ]  # fmt: skip
-    argv += ["--gc", args.gc]
+    argv += ["--gc", args.gc, "--exporters", getattr(args, "exporters", "none")]
     if args.profile and n in args.profile_levels:
         prof = utter_path.parent / f"profile_{loop}_n{n}.txt"
         argv = [
@@ -570,6 +634,13 @@ def main(argv: list[str] | None = None) -> int:
         default="default",
         help="worker's garbage collector in the window: as is, gc.freeze() after the "
         "prewarm, or frozen and disabled (an experiment)",
+    )
+    parser.add_argument(
+        "--exporters",
+        choices=["none", "otel", "prometheus", "both", "all"],
+        default="none",
+        help="attach the OpenTelemetry (SDK) and/or Prometheus exporters (bench.exporters); "
+        "all = both plus OpenTelemetry spans",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "concurrency.jsonl")
     parser.add_argument("--no-plot", action="store_true")

@@ -123,3 +123,20 @@ def test_lateness_is_measured_against_the_first_frame() -> None:
     assert lateness_ms(writes, 24000) == pytest.approx([0.0, 30.0, -20.0])
     text = utterance_text(5.0)
     assert text.endswith(".") and len(text) == int(5.0 * 1000 / 60)
+
+
+def test_exporters_script(tmp_path: Path) -> None:
+    out = tmp_path / "exporters.jsonl"
+    proc = run_bench("bench.exporters", "--n", "2", "--repeats", "1", "--seconds", "1",
+                     "--out", str(out))  # fmt: skip
+    records = read_lines(out)
+    check_env(records[0])
+    points = {r["exporters"]: r for r in records if r["kind"] == "point"}
+    assert set(points) == {"none", "prometheus", "otel", "both", "all"}
+    assert "exporter_cpu_s" not in points["none"]
+    for mode in ("prometheus", "otel", "both", "all"):
+        assert 0 < points[mode]["exporter_cpu_s"] < points[mode]["client_cpu_s"]
+        assert points[mode]["exporter_calls"] == 2
+    assert points["prometheus"]["scrape_ms"] > 0 and points["otel"]["scrape_ms"] is None
+    table = out.with_suffix(".md").read_text()
+    assert "median share" in table and table in proc.stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ("messages", "protocol", "audio", "ledger", "telephony/sip", "telephony/sdp",
+PURE = ("messages", "protocol", "audio", "ledger", "resume", "telephony/sip", "telephony/sdp",
         "telephony/ua", "telephony/dtmf")  # fmt: skip
 CLIENT = ("protocol", "connection", "pool", "speech", "fanout", "engine", "enrollment", "config",
           "metrics", "channel")  # fmt: skip

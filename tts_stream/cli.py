@@ -10,9 +10,11 @@ Errors print one line (``-v`` adds the traceback); exit codes: 0 ok, 1 failure, 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pacing", choices=["burst", "realtime"], default="burst")
     s.add_argument("--data-dir", type=Path, default=None)
     s.add_argument("--api-key", help="accept this key (default: $DASHSCOPE_API_KEY or generated)")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (same --host)")  # fmt: skip
 
     c = sub.add_parser("check", help="check a clone sample locally (no network)")
     c.add_argument("sample", type=Path)
@@ -152,6 +156,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_serve(
             host=args.host, port=args.port, backend=backend, pacing=args.pacing,
             data_dir=args.data_dir or default_data_dir(), api_key=key,
+            metrics_port=args.metrics_port,
         )  # fmt: skip
     if args.command == "check":
         return _check(args.sample)
@@ -248,16 +253,42 @@ async def _target(args: argparse.Namespace) -> AsyncIterator[_Target]:
         yield _Target(srv.base_url, srv.api_key)
 
 
+#: On SIGTERM, how long the speech in flight may take to finish before it is interrupted.
+SIGTERM_DRAIN_S = 30.0
+
+
 @contextlib.asynccontextmanager
 async def _engine(args: argparse.Namespace) -> AsyncIterator[Engine]:
-    """An Engine on the service ``_target`` picks (real, given base URL, or embedded)."""
+    """An Engine on the service ``_target`` picks (real, given base URL, or embedded).
+
+    SIGTERM (a process manager stopping us) runs ``engine.shutdown()``: no new speech, the
+    speech in flight drains (up to ``SIGTERM_DRAIN_S``), then the pool closes.
+    """
     from .engine import Engine
 
     async with _target(args) as t, Engine(
         api_key=t.api_key, base_url=t.base_url, region=args.region or "intl",
         workspace=args.workspace,
     ) as engine:  # fmt: skip
-        yield engine
+        term = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, term.set)
+
+        async def on_term() -> None:
+            await term.wait()
+            log.warning("SIGTERM: finishing the speech in flight, then closing")
+            await engine.shutdown(drain_timeout=SIGTERM_DRAIN_S)
+
+        # Owned by this block and awaited below (a TaskGroup would wrap the body's errors).
+        watcher = loop.create_task(on_term(), name="tts-stream-sigterm")
+        try:
+            yield engine
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+            if not term.is_set():
+                watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
 
 async def _voices(args: argparse.Namespace) -> int:

@@ -17,8 +17,13 @@ import asyncio
 import contextlib
 import dataclasses
 import difflib
+import logging
 import os
+import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import aiohttp
@@ -27,15 +32,19 @@ from ._resource import StackResource
 from .audio import Sink
 from .config import Endpoint
 from .enrollment import Voice, Voices
-from .errors import ClosedError, ModelMismatch, UsageError
+from .errors import ClosedError, ModelMismatch, TtsStreamError, UsageError
 from .fanout import Policy
 from .messages import MODES, RESPONSE_FORMATS, SAMPLE_RATES, VC_MODELS
-from .metrics import History, UtteranceMetrics
+from .metrics import History, Observer, UtteranceMetrics
 from .pool import Pool, PoolKey, PoolStats
 from .samples import SampleReport, inspect_sample
-from .speech import Speech, SpeechOptions
+from .speech import Speech, SpeechOptions, SpeechState
 
-__all__ = ["SESSION_KEYS", "Engine", "run"]
+__all__ = ["SESSION_KEYS", "Engine", "EngineStats", "RecentError", "run", "sink_kind"]
+
+log = logging.getLogger(__name__)
+
+_RECENT_ERRORS = 20
 
 T = TypeVar("T")
 
@@ -73,6 +82,33 @@ def preferred_rate(sinks: Sequence[Sink], default: int = 24000) -> int:
         if isinstance(rate, int) and rate in SAMPLE_RATES:
             return rate
     return default
+
+
+def sink_kind(sink: Sink) -> str:
+    """A sink's kind for metrics attributes: ``WavSink`` -> ``"wav"``."""
+    name = type(sink).__name__
+    return (name.removesuffix("Sink") or name).lower()
+
+
+@dataclass(frozen=True)
+class RecentError:
+    """One failed utterance, as :meth:`Engine.stats` keeps the last few."""
+
+    at: float  # wall clock (epoch seconds) when the record was final
+    model: str
+    error: str
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """One snapshot of a running engine (:meth:`Engine.stats`)."""
+
+    pool: PoolStats
+    speeches_in_flight: int
+    utterances: int  # finished since the engine opened
+    errors: int  # of those, how many failed
+    recent_errors: tuple[RecentError, ...]
+    accepting: bool  # False once shutdown() began
 
 
 class Engine(StackResource):
@@ -113,6 +149,7 @@ class Engine(StackResource):
         speech: SpeechOptions = SpeechOptions(),  # noqa: B008 - frozen
         extra_models: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.endpoint = Endpoint.resolve(
             api_key=api_key, region=region, base_url=base_url, workspace=workspace, env=env
@@ -134,6 +171,13 @@ class Engine(StackResource):
         self._http_timeout = http_timeout
         self._pool: Pool | None = None
         self._voices: Voices | None = None
+        self._observers: list[Observer] = list(observers)
+        self._live: weakref.WeakSet[Speech] = weakref.WeakSet()
+        self._accepting = True
+        self._finished = 0
+        self._errors = 0
+        self._recent_errors: deque[RecentError] = deque(maxlen=_RECENT_ERRORS)
+        self._speech_done = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"Engine({self.endpoint!r})"
@@ -250,6 +294,7 @@ class Engine(StackResource):
         first_commit: Literal["clause"] | None = None,
         policies: Mapping[str, Policy] | None = None,
         options: SpeechOptions | None = None,
+        on_loss: Literal["fail", "resume"] | None = None,
         **session: Any,
     ) -> Speech:
         """A :class:`~tts_stream.speech.Speech` to use with ``async with``.
@@ -260,13 +305,17 @@ class Engine(StackResource):
         ``speech_rate``, ``volume``, ``pitch_rate``...: :data:`SESSION_KEYS`; any other name
         is refused as a likely typo, ``extra_session={...}`` sends new keys unchecked).
         ``policies`` maps sink names to a
-        fan-out :class:`~tts_stream.fanout.Policy`.
+        fan-out :class:`~tts_stream.fanout.Policy`. ``on_loss="resume"`` continues after a
+        connection lost after audio from the next sentence (``server_commit`` mode only; see
+        :mod:`tts_stream.resume`); the default ``"fail"`` raises, never repeating speech.
 
         ``sample_rate`` defaults to the rate every sink prefers when they all agree (telephony
         sinks prefer 8000 Hz, so the server synthesizes at 8 kHz and nothing is resampled),
         else to 24000 Hz.
         """
         pool = self._pool_or_raise()
+        if not self._accepting:
+            raise ClosedError("the engine is shutting down: it takes no new speech")
         rate = sample_rate if sample_rate is not None else preferred_rate(sinks)
         key = self.pool_key(voice, model=model, mode=mode, sample_rate=rate,
                             extra_models=self.extra_models, **session)  # fmt: skip
@@ -276,9 +325,37 @@ class Engine(StackResource):
             changes["first_commit"] = first_commit
         if policies is not None:
             changes["policies"] = dict(policies)
+        if on_loss is not None:
+            changes["on_loss"] = on_loss
         if changes:
             opts = dataclasses.replace(opts, **changes)
-        return Speech(pool=pool, key=key, sinks=sinks, options=opts, on_done=self.history.add)
+        kinds = {sink.name: sink_kind(sink) for sink in sinks}
+        speech = Speech(
+            pool=pool, key=key, sinks=sinks, options=opts,
+            on_done=lambda record: self._utterance_done(speech, record, kinds),
+        )  # fmt: skip
+        self._live.add(speech)
+        return speech
+
+    def _utterance_done(
+        self, speech: Speech, record: UtteranceMetrics, kinds: Mapping[str, str]
+    ) -> None:
+        self._live.discard(speech)
+        self._speech_done.set()
+        self.history.add(record)
+        self._finished += 1
+        if record.error:
+            self._errors += 1
+            self._recent_errors.append(RecentError(time.time(), record.model, record.error))
+        for observer in self._observers:
+            try:
+                observer(record, kinds)
+            except Exception:  # an exporter's failure must not fail the speech
+                log.exception("metrics observer %r failed", observer)
+
+    def add_observer(self, observer: Observer) -> None:
+        """Call ``observer(record, {sink name: kind})`` once per finished utterance."""
+        self._observers.append(observer)
 
     async def say(
         self, voice: Voice | str, text: str, *, sinks: Sequence[Sink], **kwargs: Any
@@ -309,6 +386,49 @@ class Engine(StackResource):
         key = self.pool_key(voice, model=model, mode=mode, sample_rate=sample_rate,
                             extra_models=self.extra_models, **session)  # fmt: skip
         await self._pool_or_raise().prewarm(key, n)
+
+    def stats(self) -> EngineStats:
+        """One snapshot: the pool, speeches in flight, utterances and the recent errors."""
+        return EngineStats(
+            pool=self._pool_or_raise().stats(),
+            speeches_in_flight=self._in_flight(),
+            utterances=self._finished,
+            errors=self._errors,
+            recent_errors=tuple(self._recent_errors),
+            accepting=self._accepting and not self._closed,
+        )
+
+    def _in_flight(self) -> int:
+        return sum(1 for s in self._live if s.state is not SpeechState.NEW)
+
+    async def shutdown(self, *, drain_timeout: float = 30.0) -> EngineStats:
+        """Stop gracefully, in this order (for services under a process manager):
+
+        1. stop taking speech: ``speak()`` raises :class:`~tts_stream.errors.ClosedError`;
+        2. drain: wait up to ``drain_timeout`` s for the speeches in flight to finish (their
+           owners leave their ``async with`` blocks as usual); those still open then are
+           interrupted (barge-in: sinks stop, their owners get the report);
+        3. close: finish the warm spares and close the HTTP session (``aclose()``).
+
+        Returns the stats taken after the drain. Idempotent; ``aclose()`` alone skips 1–2.
+        """
+        self._accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
+        while self._in_flight() and (remaining := deadline - loop.time()) > 0:
+            self._speech_done.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._speech_done.wait()
+        for speech in list(self._live):
+            if speech.state in (SpeechState.OPEN, SpeechState.FINISHING):
+                log.warning("shutdown: interrupting a speech still open after the drain")
+                with contextlib.suppress(TtsStreamError):
+                    await speech.interrupt()
+        stats = self.stats() if not self._closed else None
+        await self.aclose()
+        return stats or EngineStats(PoolStats(), 0, self._finished, self._errors,
+                                    tuple(self._recent_errors), False)  # fmt: skip
 
     def pool_stats(self) -> PoolStats:
         """Counters of the warm-spare pool."""

@@ -28,7 +28,7 @@ import dataclasses
 import math
 import os
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ from .audio import PCM16, SinkStats, first_voiced_index
 __all__ = [
     "AcquireInfo",
     "History",
+    "Observer",
     "Recorder",
     "Summary",
     "UtteranceMetrics",
@@ -49,6 +50,9 @@ __all__ = [
     "to_jsonl",
     "write_jsonl",
 ]
+
+#: Called once per finished utterance with its record and ``{sink name: sink kind}``.
+Observer = Callable[["UtteranceMetrics", Mapping[str, str]], None]
 
 _GAP_RES = 0.1  # ms: gap histogram resolution (memory stays bounded on any utterance length)
 
@@ -92,9 +96,12 @@ class UtteranceMetrics:
     server_lag_ms_p50: float | None = None
     server_lag_ms_max: float | None = None
     retries: int = 0
+    resumes: int = 0  # sessions resumed after a loss after audio (on_loss="resume")
+    lost_chars: int = 0  # characters of the sentences those losses cut (heard in part)
     interrupted: bool = False
     error: str | None = None
     started_at: float = 0.0  # monotonic time the utterance began (before acquire)
+    first_text_at: float | None = None  # monotonic time the first text was sent
 
     @property
     def ttfb_ms(self) -> float | None:
@@ -146,6 +153,8 @@ class Recorder:
         self.responses = 0
         self.billed = 0
         self.retries = 0
+        self.resumes = 0
+        self.lost_chars = 0
         self.interrupted = False
         self.error: str | None = None
         self._gaps: Counter[int] = Counter()
@@ -245,9 +254,12 @@ class Recorder:
             server_lag_ms_p50=_hist_quantile(self._lags, 0.50),
             server_lag_ms_max=self._max_lag,
             retries=self.retries,
+            resumes=self.resumes,
+            lost_chars=self.lost_chars,
             interrupted=self.interrupted,
             error=self.error,
             started_at=self.started_at,
+            first_text_at=t0,
         )
 
 

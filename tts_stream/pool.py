@@ -101,6 +101,7 @@ class PoolStats:
     replaced_aged: int = 0
     finished_gracefully: int = 0
     peak_parallel_dials: int = 0
+    dials_in_flight: int = 0  # dials connecting now
     spares: Mapping[PoolKey, int] = field(default_factory=dict)
 
 
@@ -213,7 +214,8 @@ class Pool(StackResource):
     # --- public API ---------------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
-        return PoolStats(**self._counts, spares={k: self.spares(k) for k in self._spares})
+        spares = {k: self.spares(k) for k in self._spares}
+        return PoolStats(**self._counts, dials_in_flight=self._in_flight, spares=spares)
 
     async def wait_until(
         self, predicate: Callable[[PoolStats], bool], *, within: float = 10.0

@@ -64,6 +64,7 @@ from .fanout import Fanout, LaneStats, Policy
 from .messages import billable_characters
 from .metrics import Recorder, UtteranceMetrics
 from .pool import Lease, Pool, PoolKey
+from .resume import Resumed, SentenceCutter, resume_point
 
 __all__ = ["InterruptReport", "Speech", "SpeechOptions", "SpeechState", "chars_for_billable"]
 
@@ -111,6 +112,13 @@ class SpeechOptions:
     drain_timeout: float | None = None
     stall_timeout: float | None = None
     sink_timeout: float = 10.0
+    #: After audio, a lost connection fails the speech ("fail": nothing is ever repeated) or
+    #: continues on a fresh session from the next sentence ("resume", see tts_stream.resume).
+    on_loss: Literal["fail", "resume"] = "fail"
+    resume_attempts: int = 3  # resumes per speech at most
+    resume_backoff_s: float = 0.2  # before each resume, doubled each time, at most 2 s
+    resume_stall_s: float = 5.0  # a response silent this long counts as lost (resume only)
+    on_resume: Callable[[Resumed], None] | None = None
 
     def __post_init__(self) -> None:
         for name in ("idle_timeout", "drain_timeout", "stall_timeout", "sink_timeout"):
@@ -184,6 +192,8 @@ class _Attempt:
     retired: bool = False
     complete: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    watch: asyncio.Task[None] | None = None  # on_loss="resume": the stall watchdog
+    last_activity: float = 0.0  # monotonic time of the last delta or response start
 
 
 def chars_for_billable(text: str, billable: int) -> int:
@@ -194,6 +204,12 @@ def chars_for_billable(text: str, billable: int) -> int:
             return i
         total += billable_characters(ch)
     return len(text)
+
+
+def _stop_watch(att: _Attempt) -> None:
+    watch, att.watch = att.watch, None
+    if watch is not None and watch is not asyncio.current_task():
+        watch.cancel()
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -218,6 +234,13 @@ class Speech:
     ) -> None:
         if not sinks:
             raise UsageError("speak() needs at least one sink")
+        if options.on_loss not in ("fail", "resume"):
+            raise UsageError(f"on_loss must be 'fail' or 'resume', got {options.on_loss!r}")
+        if options.on_loss == "resume" and key.mode == "commit":
+            raise UsageError(
+                "on_loss='resume' needs mode='server_commit': in commit mode the segments are "
+                "the caller's and the client cannot re-cut them at a sentence"
+            )
         self.key = key
         self.mode = key.mode
         self.fmt = AudioFormat(sample_rate=key.sample_rate)
@@ -251,6 +274,9 @@ class Speech:
         self._samples_out = 0
         self._audio_delivered = False  # audio of the current session reached the fan-out
         self._attempts_left = options.retries
+        # on_loss="resume": commit per sentence; what was resumed so far.
+        self._cutter = SentenceCutter() if options.on_loss == "resume" else None
+        self._resumed: list[Resumed] = []
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -332,6 +358,11 @@ class Speech:
         return self._fanout.stats() if self._fanout else ()
 
     @property
+    def resumes(self) -> tuple[Resumed, ...]:
+        """Every resume after a lost connection (``on_loss="resume"``), in order."""
+        return tuple(self._resumed)
+
+    @property
     def pending_chars(self) -> int:
         """Text pushed that no completed response has consumed yet."""
         return len(self._pending)
@@ -351,6 +382,9 @@ class Speech:
         async with self._send_lock:
             self._check_open("push")
             att = await self._ensure_attempt()
+            if self._cutter is not None:
+                await self._send_cut(att, text)
+                return
             await self._send(att, "append", text)
             self._pending += text
             self._uncommitted += len(text)
@@ -439,6 +473,17 @@ class Speech:
         elif self._ops:
             self._ops.clear()
 
+    async def _send_cut(self, att: _Attempt, text: str) -> None:
+        """on_loss="resume": append ``text`` committing after each sentence (lock held)."""
+        assert self._cutter is not None
+        for op, piece in self._cutter.feed(text):
+            if op == "append":
+                await self._send(att, "append", piece)
+                self._pending += piece
+                self._uncommitted += len(piece)
+            elif self._uncommitted > 0:
+                await self._send(att, "commit", "")
+
     async def _ensure_attempt(self) -> _Attempt:
         if self._attempt is None:
             await self._new_attempt()
@@ -469,9 +514,26 @@ class Speech:
         att = _Attempt(lease)
         self._attempt = att
         att.task = self._tg.create_task(self._pump(att), name="tts-stream-speech-pump")
+        if self._cutter is not None:
+            att.last_activity = time.monotonic()
+            att.watch = self._tg.create_task(self._watch(att), name="tts-stream-speech-stall")
+
+    async def _watch(self, att: _Attempt) -> None:
+        """on_loss="resume": a response silent for ``resume_stall_s`` is a lost connection."""
+        limit = self.options.resume_stall_s
+        step = max(limit / 4, 0.01)
+        while not att.retired and not att.complete.is_set():
+            await asyncio.sleep(step)
+            conn = att.lease.connection
+            if conn.protocol.response_active and time.monotonic() - att.last_activity > limit:
+                log.warning("no audio for %.1f s during a response: the session stalled", limit)
+                att.watch = None  # this task resumes now: nobody may cancel it midway
+                await self._after_loss(att, Timeout("audio from a stalled session", limit))
+                return
 
     async def _cancel_pump(self, att: _Attempt) -> None:
         att.retired = True
+        _stop_watch(att)
         task = att.task
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
@@ -591,6 +653,7 @@ class Speech:
             log.exception("speech pump failed")
             self._fail(exc)
         finally:
+            _stop_watch(att)
             self._progress.set()
             self._ended.set()
 
@@ -605,6 +668,7 @@ class Speech:
         out = Frame(frame.samples, self._samples_out, frame.response_id, frame.received_at)
         self._samples_out += n
         self._audio_delivered = True
+        att.last_activity = frame.received_at
         if self._ops:
             self._ops.clear()  # never replayed now: speech must not repeat
         await self._fanout.write(out)
@@ -633,7 +697,10 @@ class Speech:
                 break
 
     async def _after_loss(self, att: _Attempt, lost: BaseException) -> None:
-        """The session ended early: retry transparently before audio, else fail."""
+        """The session ended early: retry transparently before audio, else fail (or resume)."""
+        if self._audio_delivered and self._cutter is not None and _retryable(lost):
+            await self._resume(att, lost)
+            return
         if self._audio_delivered or not _retryable(lost) or self._attempts_left <= 0:
             if isinstance(lost, ConnectionLost):
                 lost.audio_received = self._audio_delivered
@@ -642,11 +709,8 @@ class Speech:
         self._attempts_left -= 1
         log.info("session lost before any audio (%s): retrying on a fresh session", lost)
         async with self._send_lock:
-            if att.retired or self._attempt is not att:
+            if not await self._take_over(att):
                 return
-            att.retired = True
-            await att.lease.release()
-            self._attempt = None
             self._rec.forget_audio()
             self._segments = []
             self._pending = "".join(t for op, t in self._ops if op == "append")
@@ -661,6 +725,63 @@ class Speech:
                     # The fresh session failed as well: let its own pump (if any) decide.
                     log.info("retry failed: %r", exc)
                 self._fail(exc)
+
+    async def _take_over(self, att: _Attempt) -> bool:
+        """Retire the lost attempt ``att`` if it is still current (the send lock is held)."""
+        if att.retired or self._attempt is not att:
+            return False  # someone else (the pump or the stall watchdog) took over already
+        await self._cancel_pump(att)
+        await att.lease.release()
+        self._attempt = None
+        return True
+
+    async def _resume(self, att: _Attempt, lost: BaseException) -> None:
+        """on_loss="resume": continue on a fresh session from the next sentence (bounded)."""
+        opts = self.options
+        async with self._send_lock:
+            if not await self._take_over(att):
+                return
+            running = self._segments[-1] if self._segments else None
+            heard = running is not None and running.text is None and running.end > running.start
+            skip = resume_point(self._pending, running_heard=heard)
+            cut, rest = self._pending[:skip], self._pending[skip:]
+            if running is not None and running.text is None:
+                running.text = cut  # consumed by the lost response (its rest is never said)
+            self._spoken.append(cut)
+            self._pending, self._created_mark, self._uncommitted = "", 0, 0
+            finishing = self.state is SpeechState.FINISHING
+            if len(self._resumed) >= opts.resume_attempts:
+                self._fail(lost)
+                return
+            await asyncio.sleep(min(opts.resume_backoff_s * 2 ** len(self._resumed), 2.0))
+            try:
+                await self._new_attempt()  # connect failures: retried like any acquire
+            except TtsStreamError as exc:
+                self._fail(exc)
+                return
+            assert self._attempt is not None
+            event = Resumed(
+                attempt=len(self._resumed) + 1,
+                code=getattr(lost, "code", None),
+                reason=str(lost),
+                audio_ms=self.fmt.ms(self._samples_out),
+                cut_text=cut,
+                resumed_text=rest,
+            )  # fmt: skip
+            self._resumed.append(event)
+            self._rec.resumes += 1
+            self._rec.lost_chars += len(cut) if heard else 0
+            log.warning("connection lost after %.0f ms of audio: resumed at a sentence "
+                        "boundary (%d chars cut)", event.audio_ms, len(cut))  # fmt: skip
+            self._cutter = SentenceCutter()
+            await self._send_cut(self._attempt, rest)
+            if finishing:
+                await self._send(self._attempt, "finish", "")
+        if opts.on_resume is not None:
+            try:
+                opts.on_resume(event)
+            except Exception:
+                log.exception("on_resume callback failed")
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:

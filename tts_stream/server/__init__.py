@@ -356,6 +356,13 @@ class LocalServer:
         """A snapshot of the counters (connections, sessions, deltas, ...)."""
         return self._counters.snapshot()
 
+    def synthesis_queue(self) -> tuple[int, int]:
+        """(segments waiting to be synthesized, responses synthesizing now), all sessions."""
+        if self._app is None:
+            return 0, 0
+        sessions = list(self._app.realtime.sessions)
+        return sum(s.queue.qsize() for s in sessions), sum(1 for s in sessions if s.responding)
+
     def purge_expired(self) -> int:
         """Run the retention purge now (it also runs on every enrollment call)."""
         if self._store is None:
@@ -371,15 +378,30 @@ async def serve(
     data_dir: str | os.PathLike[str] | None = None,
     api_key: str | None = None,
     ready: Callable[[LocalServer], None] | None = None,
+    metrics_port: int | None = None,
     **options: Any,
 ) -> None:
-    """Run a :class:`LocalServer` until cancelled; ``ready(srv)`` is called once listening."""
+    """Run a :class:`LocalServer` until cancelled; ``ready(srv)`` is called once listening.
+
+    ``metrics_port`` also serves the server's Prometheus metrics on ``host:metrics_port``.
+    """
     async with LocalServer(
         host=host, port=port, backend=backend, data_dir=data_dir, api_key=api_key, **options
     ) as srv:
-        if ready is not None:
-            ready(srv)
-        await asyncio.Event().wait()  # runs until cancelled (SIGINT/SIGTERM in run_serve)
+        endpoint = None
+        if metrics_port is not None:
+            from .metrics import serve_metrics
+
+            endpoint = serve_metrics(srv, port=metrics_port, host=host)
+        try:
+            if ready is not None:
+                ready(srv)
+            if endpoint is not None:
+                print(f"metrics at {endpoint.url}", flush=True)  # noqa: T201 - CLI boundary
+            await asyncio.Event().wait()  # runs until cancelled (SIGINT/SIGTERM in run_serve)
+        finally:
+            if endpoint is not None:
+                endpoint.close()
 
 
 def run_serve(
@@ -390,6 +412,7 @@ def run_serve(
     api_key: str | None = None,
     *,
     pacing: Literal["burst", "realtime"] = "burst",
+    metrics_port: int | None = None,
 ) -> int:
     """``tts-stream serve``: run until SIGINT/SIGTERM; print the base URL; exit code.
 
@@ -421,7 +444,8 @@ def run_serve(
             loop.add_signal_handler(sig, task.cancel)
         try:
             await serve(host=host, port=port, backend=backend, data_dir=directory,
-                        api_key=key, ready=ready, pacing=pacing)  # fmt: skip
+                        api_key=key, ready=ready, pacing=pacing,
+                        metrics_port=metrics_port)  # fmt: skip
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
