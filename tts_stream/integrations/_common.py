@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from sinks._base import BaseSink, SinkState
-from tts_stream import Engine, Frame, Timeout, UsageError, Voice
+from tts_stream import ClosedError, Engine, Frame, Timeout, UsageError, Voice
 from tts_stream.audio import PCM16, deadline
 
 __all__ = ["SPEAK_ONLY", "EngineHost", "HandoffSink", "resolve_voice", "split_speak_options"]
@@ -74,8 +74,9 @@ class HandoffSink(BaseSink):
     ``max_outstanding_ms`` or more are handed over and not taken, and, with
     ``max_lead_ms``, until the frame is due: the first write starts a clock and no sample is
     handed over more than ``max_lead_ms`` before its time on it. ``drain`` waits until
-    everything was taken; ``interrupt`` forgets what is outstanding (the framework drops
-    its own queue on an interruption).
+    everything was taken (with ``drain=False`` it returns at once: for a framework that
+    holds a partial frame until its input ends); ``interrupt`` forgets what is outstanding
+    (the framework drops its own queue on an interruption).
     """
 
     def __init__(
@@ -84,10 +85,12 @@ class HandoffSink(BaseSink):
         *,
         max_outstanding_ms: float = 1000.0,
         max_lead_ms: float | None = None,
+        drain: bool = True,
         write_timeout: float = 60.0,
         name: str = "framework",
     ) -> None:
         super().__init__(name=name)
+        self._drain_waits = drain
         self._deliver = deliver
         self._max_ms = max_outstanding_ms
         self._lead_s = None if max_lead_ms is None else max_lead_ms / 1000.0
@@ -138,6 +141,8 @@ class HandoffSink(BaseSink):
             self._dropped_samples += n
 
     async def _drain(self) -> None:
+        if not self._drain_waits:
+            return  # the framework's queue is the output (it may hold a partial frame back)
         await self._wait(lambda: self._outstanding == 0, f"{self.name} to take the last audio")
 
     async def _interrupt(self) -> int:
@@ -176,6 +181,7 @@ class EngineHost:
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
+        self._closed = False
 
     async def _run(self) -> None:
         try:
@@ -190,6 +196,8 @@ class EngineHost:
             self._ready.set()
 
     async def start(self) -> Engine:
+        if self._closed:
+            raise ClosedError("the adapter's engine was closed")
         if self._task is None:
             self._task = self._spawn(self._run())
         try:
@@ -200,10 +208,11 @@ class EngineHost:
         if self._engine is None:
             if self._error is not None:
                 raise self._error
-            raise UsageError("the engine was closed")
+            raise ClosedError("the adapter's engine was closed")
         return self._engine
 
     async def aclose(self) -> None:
+        self._closed = True
         task, self._task = self._task, None
         if task is None:
             return
