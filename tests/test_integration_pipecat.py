@@ -9,7 +9,9 @@ come from the server's fault knobs. Nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import wave
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,9 +36,12 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.tts_service import TextAggregationMode
 from pipecat.tests.utils import SleepFrame, run_test
 
+from sinks import ArraySink, WavSink
 from tests.conftest import Enroll
-from tts_stream import Engine, Voice
-from tts_stream.integrations.pipecat import TtsStreamTTSService
+from tests.samplegen import good_sample_wav, low_rate_wav
+from tts_stream import Engine, SampleRejected, Voice
+from tts_stream.integrations.enroll import clone_voice, delete_voice
+from tts_stream.integrations.pipecat import SinkOutput, TtsStreamTTSService
 from tts_stream.messages import VC_MODELS
 from tts_stream.server import LocalServer
 
@@ -334,3 +339,45 @@ async def test_a_paused_pipeline_keeps_memory_bounded(
     assert report is not None
     held = 0.0 if direct else (1.5 + 2.0) * 1000  # pushed on, queued behind the gate
     assert report.played_ms["pipecat"] <= held + 100
+
+
+async def test_clone_voice_checks_locally_then_feeds_the_service(server: LocalServer) -> None:
+    where = {"base_url": server.base_url, "api_key": server.api_key}
+    before = server.stats().http_requests
+    with pytest.raises(SampleRejected) as info:
+        await clone_voice(low_rate_wav(), preferred_name="bad", **where)
+    assert "24" in str(info.value)  # names the rule it broke (the sample rate)
+    assert server.stats().http_requests == before  # nothing was sent
+
+    voice = await clone_voice(good_sample_wav(), preferred_name="bot", **where)
+    assert voice.target_model == VC_MODELS[0]
+    tts = TtsStreamTTSService(voice=voice, **where)
+    down, up = await run_test(tts, frames_to_send=[TTSSpeakFrame("Cloned for Pipecat.")])
+    assert not errors(up) and audio_of(down, contexts(down)[0])
+    assert await delete_voice(voice, **where) is True
+    assert await delete_voice(voice, **where) is False
+
+
+async def test_sink_output_writes_and_interrupts_tts_stream_sinks(
+    enroll: Enroll, tmp_path: Path
+) -> None:
+    async with (
+        LocalServer(backend="tone", pacing="realtime") as srv,
+        Engine(base_url=srv.base_url, api_key=srv.api_key) as engine,
+    ):
+        cloned = await engine.voices.find(await enroll(srv))
+        tts = TtsStreamTTSService(voice=cloned, engine=engine)
+        wav, array = WavSink(tmp_path / "bot.wav"), ArraySink(max_blocks=10_000)
+        out = SinkOutput([wav, array])
+        frames = [*turn("A long answer that is cut short by the caller. " * 4),
+                  SleepFrame(0.6), InterruptionFrame(), SleepFrame(0.2)]  # fmt: skip
+        down, up = await run_test(Pipeline([tts, out]), frames_to_send=frames)
+
+    assert not errors(up)
+    first = contexts(down)[0]
+    passed = sum(len(f.audio) // 2 for f in audio_of(down, first))
+    stats = wav.stats()
+    assert stats.samples_written == passed > 0  # every frame that went through, no more
+    with wave.open(str(tmp_path / "bot.wav"), "rb") as w:
+        assert w.getnframes() == passed
+    assert array.stats().samples_written == passed

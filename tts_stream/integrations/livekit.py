@@ -4,7 +4,8 @@
 
 * ``stream()`` gives a ``SynthesizeStream``: tokens in (``push_text``), one segment per
   stream, spoken by one tts-stream :class:`~tts_stream.Speech` (``flush()`` commits what was
-  pushed so far, ``end_input()`` finishes the speech);
+  pushed so far in ``mode="commit"``; in ``server_commit`` the server cuts by itself;
+  ``end_input()`` finishes the speech);
 * ``synthesize(text)`` gives a ``ChunkedStream`` (one speech, one text);
 * ``prewarm()`` dials a configured spare session in the background.
 
@@ -211,7 +212,10 @@ class TTS(tts.TTS[None]):
                 stream._connection_reused = bool(info.was_warm)
                 async for text in texts:
                     if text is None:
-                        await speech.commit()
+                        # server_commit: the server cuts on its own and the finish commits
+                        # the rest (a commit here races the server's cut).
+                        if speech.mode == "commit":
+                            await speech.commit()
                     else:
                         stream._mark_started()
                         await speech.push(text)

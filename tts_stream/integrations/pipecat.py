@@ -28,11 +28,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tts_stream import Engine, Frame, InterruptReport, Speech, Timeout, TtsStreamError, Voice
+from tts_stream import (
+    AudioFormat,
+    Engine,
+    Frame,
+    InterruptReport,
+    Sink,
+    Speech,
+    Timeout,
+    TtsStreamError,
+    Voice,
+)
+from tts_stream.audio import pcm16
 from tts_stream.errors import MissingDependency
 
 from ._common import EngineHost, HandoffSink, resolve_voice, split_speak_options
@@ -41,12 +52,13 @@ try:
     from pipecat.frames.frames import (
         CancelFrame,
         EndFrame,
+        InterruptionFrame,
         StartFrame,
         TTSAudioRawFrame,
         TTSStoppedFrame,
     )
     from pipecat.frames.frames import Frame as PipecatFrame
-    from pipecat.processors.frame_processor import FrameDirection
+    from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
     from pipecat.services.settings import TTSSettings
     from pipecat.services.tts_service import TextAggregationMode, TTSService
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -54,7 +66,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "tts_stream.integrations.pipecat needs Pipecat: pip install 'tts-stream[pipecat]'"
     ) from exc
 
-__all__ = ["TtsStreamTTSService"]
+__all__ = ["SinkOutput", "TtsStreamTTSService"]
 
 log = logging.getLogger(__name__)
 
@@ -358,3 +370,67 @@ class TtsStreamTTSService(TTSService):
         turn.reported = True
         exc = turn.error
         await self.push_error(error_msg=f"tts-stream: {exc}", exception=exc)
+
+
+class SinkOutput(FrameProcessor):
+    """Plays the pipeline's bot audio into tts-stream sinks (WAV file, sound card, RTP...).
+
+    Put it at the end of a pipeline: every ``TTSAudioRawFrame`` is written to each sink (in
+    order, awaiting the sink: a ``SoundCardSink`` paces the pipeline's output to real time)
+    and passed on; an ``InterruptionFrame`` interrupts every sink at once (the sound card
+    fades out); ``EndFrame`` drains and closes them, ``CancelFrame`` closes them. The sinks
+    are opened with the first frame's rate. A sink that fails is reported once as an
+    ``ErrorFrame`` and left out from then on; the others go on. ``stats()`` of a sink is
+    what it actually played, the figure ``InterruptReport.played_ms`` cannot give inside a
+    framework.
+    """
+
+    def __init__(self, sinks: list[Sink], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sinks = list(sinks)
+        self._live: list[Sink] = []
+        self._fmt: AudioFormat | None = None
+        self._offset = 0
+
+    async def process_frame(self, frame: PipecatFrame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, TTSAudioRawFrame) and frame.audio:
+            await self._write(frame)
+        elif isinstance(frame, InterruptionFrame):
+            await self._each(lambda sink: sink.interrupt())
+        elif isinstance(frame, EndFrame | CancelFrame):
+            await self._close(drain=isinstance(frame, EndFrame))
+        await self.push_frame(frame, direction)
+
+    async def _each(self, op: Callable[[Sink], Awaitable[object]]) -> None:
+        for sink in list(self._live):
+            try:
+                await op(sink)
+            except TtsStreamError as exc:
+                self._live.remove(sink)
+                msg = f"tts-stream sink {sink.name}: {exc}"
+                await self.push_error(error_msg=msg, exception=exc)
+
+    async def _write(self, frame: TTSAudioRawFrame) -> None:
+        fmt = AudioFormat(frame.sample_rate, frame.num_channels)
+        if self._fmt is None:
+            self._fmt, self._live = fmt, list(self.sinks)
+            await self._each(lambda sink: sink.open(fmt))
+        elif fmt != self._fmt:
+            msg = f"SinkOutput opened for {self._fmt}, got a frame in {fmt}: not written"
+            await self.push_error(error_msg=msg)
+            return
+        samples = pcm16(frame.audio)
+        out = Frame(samples, self._offset)
+        self._offset += len(samples) // fmt.channels
+        await self._each(lambda sink: sink.write(out))
+
+    async def _close(self, *, drain: bool) -> None:
+        if not drain:
+            await self._each(lambda sink: sink.interrupt())
+        await self._each(lambda sink: sink.aclose())
+        self._live = []
+
+    async def cleanup(self) -> None:
+        await super().cleanup()  # type: ignore[no-untyped-call]
+        await self._close(drain=False)
