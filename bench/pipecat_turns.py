@@ -90,6 +90,7 @@ class Driver:
         self.worker = PipelineWorker(
             Pipeline([service, self.recorder]),
             params=PipelineParams(enable_metrics=True),
+            idle_timeout_secs=None,  # turns come when the benchmark says, not on a timer
             cancel_on_idle_timeout=False,
         )
         self._runner = WorkerRunner()

@@ -9,6 +9,9 @@ come from the server's fault knobs. Nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import wave
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -381,3 +384,27 @@ async def test_sink_output_writes_and_interrupts_tts_stream_sinks(
     with wave.open(str(tmp_path / "bot.wav"), "rb") as w:
         assert w.getnframes() == passed
     assert array.stats().samples_written == passed
+
+
+def test_the_frameworks_benchmark_runs(tmp_path: Path) -> None:
+    """``bench/frameworks.py`` end to end in a tiny configuration (so it never rots).
+
+    It makes pipecat-dashscope's own venv on first use (``bench/.venv-pipecat-dashscope``),
+    so the first run installs from the package index.
+    """
+    out = tmp_path / "frameworks.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.frameworks", "--n", "1", "--warmup", "0",
+         "--bargein", "1", "--out", str(out)],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        timeout=900, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records[0]["kind"] == "env" and records[-1]["kind"] == "summary"
+    summary = records[-1]
+    for side in ("tts-stream", "pipecat-dashscope"):
+        assert summary[side]["ttfb_ms"]["count"] == 1
+        assert summary[side]["bargein_last_audio_ms"]["count"] == 1
+    assert isinstance(summary["ttfb_ratio_p50"], float)  # the figure itself is for bench/
+    assert "TTFB ratio" in out.with_suffix(".md").read_text()
