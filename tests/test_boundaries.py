@@ -1,6 +1,7 @@
 """The dependency rules of the architecture (README "Architecture"), checked on the source.
 
-The engine never imports ``sinks``; ``sinks`` import only ``tts_stream.audio`` and
+The engine never imports ``sinks`` or ``integrations`` (the framework adapters, which use
+the engine and the sinks like an application); ``sinks`` import only ``tts_stream.audio`` and
 ``tts_stream.errors``; the server never imports the client; the pure core imports no
 asyncio, sockets or clock.
 """
@@ -40,13 +41,23 @@ def modules(folder: str) -> list[Path]:
     return sorted((ROOT / folder).rglob("*.py"))
 
 
-@pytest.mark.parametrize("path", modules("tts_stream"), ids=lambda p: p.name)
+def engine_modules() -> list[Path]:
+    """``tts_stream`` without the framework adapters (``tts_stream/integrations``)."""
+    return [p for p in modules("tts_stream") if "integrations" not in p.parts]
+
+
+@pytest.mark.parametrize("path", engine_modules(), ids=lambda p: p.name)
 def test_the_engine_never_imports_sinks(path: Path) -> None:
     if path.name in ("cli.py", "demo.py"):  # the composition roots may
         return
     if "telephony" in path.parts:  # an application of the engine and the sinks (DESIGN.md)
         return
     assert not {m for m in imports(path) if m == "sinks" or m.startswith("sinks.")}
+
+
+@pytest.mark.parametrize("path", engine_modules(), ids=lambda p: p.name)
+def test_the_engine_never_imports_the_integrations(path: Path) -> None:
+    assert not {m for m in imports(path) if m.startswith("tts_stream.integrations")}
 
 
 @pytest.mark.parametrize("path", modules("sinks"), ids=lambda p: p.name)

@@ -1,0 +1,71 @@
+"""Voice enrollment for framework users: clone a voice, hand it to either adapter.
+
+Neither Pipecat nor LiveKit Agents has voice enrollment. :func:`clone_voice` checks the
+sample locally against every enrollment rule (no network: a bad sample raises
+:class:`~tts_stream.SampleRejected` listing every violation, nothing is sent or billed), then
+clones it and returns the :class:`~tts_stream.Voice` that ``TtsStreamTTSService(voice=...)``
+and ``livekit.TTS(voice=...)`` take; with a ``Voice`` the adapters know its model, so they
+skip the lookup. :func:`delete_voice` frees the slot again.
+
+Boundary: the public API of :mod:`tts_stream` only; imports no framework.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tts_stream import Engine, Voice
+from tts_stream.messages import VC_MODELS
+
+__all__ = ["clone_voice", "delete_voice"]
+
+
+async def clone_voice(
+    sample: str | os.PathLike[str] | bytes,
+    *,
+    preferred_name: str,
+    engine: Engine | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    target_model: str = VC_MODELS[0],
+    text: str | None = None,
+    language: str | None = None,
+) -> Voice:
+    """Check ``sample`` locally, then clone it (one billed creation); return the voice.
+
+    ``engine``: an open :class:`~tts_stream.Engine`; without one a short-lived engine is
+    opened from ``base_url``/``api_key`` (default: ``DASHSCOPE_API_KEY``, the real service).
+    The local check is ``engine.voices.create``'s own (it runs before any request); a URL
+    sample cannot be checked locally and goes to the service as it is.
+    """
+    if engine is not None:
+        return await _create(engine, sample, preferred_name, target_model, text, language)
+    async with Engine(base_url=base_url, api_key=api_key) as own:
+        return await _create(own, sample, preferred_name, target_model, text, language)
+
+
+async def _create(
+    engine: Engine,
+    sample: str | os.PathLike[str] | bytes,
+    name: str,
+    target_model: str,
+    text: str | None,
+    language: str | None,
+) -> Voice:
+    return await engine.voices.create(
+        sample, preferred_name=name, target_model=target_model, text=text, language=language
+    )
+
+
+async def delete_voice(
+    voice: Voice | str,
+    *,
+    engine: Engine | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+) -> bool:
+    """Delete a cloned voice (``True`` if this call deleted it; a missing voice is ``False``)."""
+    if engine is not None:
+        return await engine.voices.delete(voice, missing_ok=True)
+    async with Engine(base_url=base_url, api_key=api_key) as own:
+        return await own.voices.delete(voice, missing_ok=True)
