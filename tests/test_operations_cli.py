@@ -40,6 +40,8 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
     try:
         base_url = read_line(proc)
         metrics = read_line(proc)
+        while not metrics.startswith("metrics at "):  # other status lines come first
+            metrics = read_line(proc)
         assert metrics.startswith("metrics at http://127.0.0.1:")
         yield proc, base_url, metrics.removeprefix("metrics at ")
     finally:

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,19 +273,34 @@ async def _engine(args: argparse.Namespace) -> AsyncIterator[Engine]:
     ) as engine:  # fmt: skip
         term = asyncio.Event()
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, term.set)
+        # Signal handlers exist only on the main thread (``main()`` may run in a worker
+        # thread when embedded, as the tests do): elsewhere SIGTERM stays the caller's.
+        handles_term = threading.current_thread() is threading.main_thread()
+        if handles_term:
+            loop.add_signal_handler(signal.SIGTERM, term.set)
+
+        body = asyncio.current_task()
+        inside = True  # the command's body still runs (a server or an IVR never ends alone)
 
         async def on_term() -> None:
             await term.wait()
             log.warning("SIGTERM: finishing the speech in flight, then closing")
             await engine.shutdown(drain_timeout=SIGTERM_DRAIN_S)
+            if inside and body is not None:
+                body.cancel()  # then end the command itself
 
         # Owned by this block and awaited below (a TaskGroup would wrap the body's errors).
         watcher = loop.create_task(on_term(), name="tts-stream-sigterm")
         try:
             yield engine
+        except asyncio.CancelledError:
+            if not (term.is_set() and body is not None and body.cancelling()):
+                raise
+            body.uncancel()  # ended by SIGTERM after the drain: a normal exit
         finally:
-            loop.remove_signal_handler(signal.SIGTERM)
+            inside = False
+            if handles_term:
+                loop.remove_signal_handler(signal.SIGTERM)
             if not term.is_set():
                 watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
