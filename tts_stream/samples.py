@@ -78,6 +78,7 @@ __all__ = [
     "measure_quality",
     "quality_warnings",
     "sniff_container",
+    "speech_span",
 ]
 
 logger = logging.getLogger(__name__)
@@ -459,12 +460,17 @@ class _SpeechStats:
     longest_pause_s: float
 
 
-def _speech_stats(mono: PCM16) -> _SpeechStats:
-    segments = [
+def _segments(mono: PCM16) -> list[tuple[float, float]]:
+    """The speech segments (seconds) of 16 kHz ``mono``: frames merged, clicks dropped."""
+    return [
         (s, e)
         for s, e in _merge(_spans(_speech_frames(mono)), _SEGMENT_GAP_S)
         if e - s >= _MIN_SEGMENT_S
     ]
+
+
+def _speech_stats(mono: PCM16) -> _SpeechStats:
+    segments = _segments(mono)
     if not segments:
         return _SpeechStats(0.0, 0.0, 0.0)
     pauses = [b[0] - a[1] for a, b in zip(segments, segments[1:], strict=False)]
@@ -832,3 +838,19 @@ def quality_warnings(q: Quality) -> list[Problem]:
             "record one speaker only, with no other voices in the room",
             f"{lo:.0f}/{hi:.0f} Hz", f"{SPEAKER_GAP_ST:.0f} semitones"))  # fmt: skip
     return out
+
+
+def speech_span(samples: PCM16, rate: int) -> tuple[float, float] | None:
+    """(start, end) in seconds from the first to the last speech segment, as the hard rules see
+    them (webrtcvad plus the pitch test, clicks ignored); ``None`` when there is no speech.
+
+    ``tts-stream record`` trims the silence outside this span.
+    """
+    x = np.asarray(samples, dtype=np.float64).reshape(-1) / 32768.0
+    if rate != _VAD_RATE:
+        x = soxr.resample(x, rate, _VAD_RATE)
+    mono = np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
+    segments = _segments(mono)
+    if not segments:
+        return None
+    return segments[0][0], segments[-1][1]
