@@ -194,3 +194,44 @@ def test_full_disk_leaves_no_file(pulse_null_sink: PulseServer, tmp_path: Path,
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "No space left on device" in lines[0], stderr
     no_leftovers(full_disk, "out.wav")
+
+
+def tmux(sock: Path, *args: str) -> str:
+    return subprocess.run(["tmux", "-S", str(sock), *args], capture_output=True, text=True,
+                          timeout=10, check=True).stdout  # fmt: skip
+
+
+def wait_screen(sock: Path, needle: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    screen = ""
+    while time.monotonic() < deadline:
+        screen = tmux(sock, "capture-pane", "-p", "-t", "rec")
+        if needle in screen:
+            return screen
+        time.sleep(0.2)  # polling the screen, bounded by the deadline
+    raise AssertionError(f"{needle!r} never appeared on the screen:\n{screen}")
+
+
+def test_live_screen_in_a_real_terminal(pulse_null_sink: PulseServer, tmp_path: Path) -> None:
+    src = tmp_path / "played.wav"
+    src.write_bytes(g.good_sample_wav())
+    out = tmp_path / "out.wav"
+    sock = tmp_path / "tmux.sock"
+    env = " ".join(f"{k}={v}" for k, v in pulse_null_sink.source_env().items())
+    cmd = f"cd {REPO} && env {env} {sys.executable} -m tts_stream record {out}; sleep 60"
+    tmux(sock, "new-session", "-d", "-s", "rec", "-x", "100", "-y", "20", cmd)
+    try:
+        wait_screen(sock, " dBFS (")  # the lead-in is over: the noise floor is shown
+        pulse_null_sink.play(src)
+        screen = wait_screen(sock, "good: press Enter")
+        (tmp_path / "screen.txt").write_text(screen)
+        for needle in ("Recording", "level      [", "dBFS", "speech run", "longest",
+                       "[>= 3 s: ok]", "[<= 2 s: ok]", "of 10-20 s", "Read aloud",
+                       "Hi, it's me."):  # fmt: skip
+            assert needle in screen, screen
+        tmux(sock, "send-keys", "-t", "rec", "Enter")
+        done = wait_screen(sock, "OK: ready to clone")
+        assert f"wrote {out}" in done, done
+    finally:
+        subprocess.run(["tmux", "-S", str(sock), "kill-server"], capture_output=True, timeout=10)
+    assert read_wav(out).size > 10 * RATE

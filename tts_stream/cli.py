@@ -408,9 +408,12 @@ class _Screen:
                 self.next_line_s = status.recorded_s + 1.0
                 print(progress_line(status), file=self.out, flush=True)
             return
+        import shutil
+
         lines = render(status, script=self.script, target=self.target, limit_s=self.limit)
+        width = shutil.get_terminal_size().columns - 1  # a wrapped line would break the redraw
         up = f"\x1b[{self.drawn}F" if self.drawn else ""  # back to the first line drawn
-        self.out.write(up + "".join(f"{line}\x1b[K\n" for line in lines))
+        self.out.write(up + "".join(f"{line[:width]}\x1b[K\n" for line in lines))
         self.out.flush()
         self.drawn = len(lines)
 
