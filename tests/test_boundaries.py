@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ("messages", "protocol", "audio", "meter")
+PURE = ("messages", "protocol", "audio", "ledger", "meter")
 CLIENT = ("protocol", "connection", "pool", "speech", "fanout", "engine", "enrollment", "config",
           "metrics", "channel")  # fmt: skip
 

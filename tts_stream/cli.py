@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the local DashScope-compatible server")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; any other is reachable from the network, "
+        "in plain HTTP: a warning is printed)",
+    )
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--backend", choices=["espeak", "tone"], default="espeak")
     s.add_argument("--pacing", choices=["burst", "realtime"], default="burst")
@@ -172,13 +177,25 @@ def _run(coro: Any) -> int:
     return int(result or 0)
 
 
+def _measured(value: float | None, spec: str, unit: str = "", label: str = "") -> str | None:
+    """``label value unit`` with ``value`` formatted by ``spec``; None when not measured."""
+    return None if value is None else f"{label}{value:{spec}}{unit}"
+
+
 def _check(path: Path, strict: bool = False) -> int:
     from .samples import inspect_sample
 
     report = inspect_sample(path)
-    print(f"{path}: {report.container} {report.sample_rate} Hz, {report.channels} ch, "
-          f"{report.duration_s:.1f} s, longest speech {report.longest_speech_s:.1f} s, "
-          f"longest pause {report.longest_pause_s:.1f} s")  # fmt: skip
+    # An undecodable file has no measurements (None): print only what was measured.
+    parts = [
+        _measured(report.sample_rate, "d", " Hz"),
+        _measured(report.channels, "d", " ch"),
+        _measured(report.duration_s, ".1f", " s"),
+        _measured(report.longest_speech_s, ".1f", " s", "longest speech "),
+        _measured(report.longest_pause_s, ".1f", " s", "longest pause "),
+    ]
+    known = ", ".join(x for x in parts if x is not None)
+    print(f"{path}: {report.container or 'no recognised audio'}" + (f" {known}" if known else ""))
     print(_quality_line(report))
     for w in report.warnings:
         print(f"  warning: {w.message}")
@@ -298,6 +315,8 @@ def build_sinks(args: argparse.Namespace) -> list[Any]:
 
 async def _speak(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
+    if not text.strip():
+        raise UsageError("nothing to say: the text is empty")
     sinks = build_sinks(args)
     session: dict[str, Any] = {}
     if args.rate:
@@ -308,7 +327,8 @@ async def _speak(args: argparse.Namespace) -> int:
                                 **session) as speech:  # fmt: skip
             await speech.push(text)
         m = speech.metrics
-    print(f"first audio {m.first_audio_ms:.1f} ms, audio {m.audio_ms / 1000:.2f} s, "
+    first = _measured(m.first_audio_ms, ".1f", " ms") or "none (no audio came back)"
+    print(f"first audio {first}, audio {m.audio_ms / 1000:.2f} s, "
           f"{m.billed_characters} billed characters", file=sys.stderr)  # fmt: skip
     return 0
 

@@ -11,6 +11,14 @@ hands them, with the other notifications, to the consumer through a *bounded*
 :class:`~tts_stream.channel.Channel`: when the consumer is slow, the reader stops reading
 and TCP flow control pushes back on the server.
 
+Keepalive is ours, not websockets' (whose pong waits behind unread audio: while
+back-pressure holds the reader, websockets pauses the transport, the pong is never parsed
+and its keepalive closed healthy sessions with 1011 after ``ping_interval + ping_timeout``,
+issue 9). A ping goes out only after the reader has *waited on the network* for
+``ping_interval`` s with nothing arriving; the peer is declared dead when, after that ping,
+the reader waited another ``ping_timeout`` s with neither a pong nor any frame. Time spent
+held by a slow consumer never counts: the server is then blocked on us, not silent.
+
 Boundary: third-party exceptions (websockets, OSError) are translated here into the
 :mod:`~tts_stream.errors` tree; this module knows nothing about sinks, pools or retries.
 """
@@ -24,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import numpy as np
@@ -46,6 +54,7 @@ from .errors import (
     ProtocolViolation,
     ServerError,
     Timeout,
+    UsageError,
     redact,
     server_error,
 )
@@ -59,6 +68,7 @@ _ws_log = logging.getLogger(__name__ + ".ws")  # websockets' own frame/handshake
 # long delta from a server that sends big chunks (research/feasibility.md §7).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _ABORT_CLOSE_TIMEOUT_S = 0.25
+_DELTA_TYPE = m.ResponseAudioDelta.TYPE
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -109,7 +119,11 @@ class Connection:
         close_timeout: float = 2.0,
         max_size: int = MAX_MESSAGE_BYTES,
         channel_size: int = 64,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float = 20.0,
     ) -> None:
+        if ping_interval is not None and (ping_interval <= 0 or ping_timeout <= 0):
+            raise UsageError("ping_interval and ping_timeout must be positive (or None)")
         self.endpoint = endpoint
         self.model = model
         self.protocol = p.ClientSession(config=session)
@@ -119,6 +133,12 @@ class Connection:
         self._close_timeout = close_timeout
         self._max_size = max_size
         self._channel_size = channel_size
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        # Monotonic time the reader started waiting on the socket; None while it is busy
+        # (handling a frame, or held by the consumer). The keepalive measures silence with it.
+        self._rx_waiting_since: float | None = None
+        self._dead_cause: str | None = None  # set by the keepalive when it gives up
         self._ws: ClientConnection | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._channel: Channel[Item] | None = None
@@ -148,7 +168,13 @@ class Connection:
             # LIFO: on exit the socket closes first, so the reader ends and the group exits.
             stack.push_async_callback(self.aclose)
             self._reader_task = tg.create_task(self._reader(), name="tts-stream-ws-reader")
-            await self._send(self.protocol.update())
+            if self._ping_interval is not None:
+                tg.create_task(self._keepalive(self._ping_interval, self._ping_timeout),
+                               name="tts-stream-ws-keepalive")  # fmt: skip
+            try:
+                await self._send(self.protocol.update())
+            except ConnectionLost:
+                pass  # closed first (an unknown model): the reader tells why, raised below
             await self._wait_configured()
         except BaseException:
             await stack.aclose()
@@ -211,6 +237,15 @@ class Connection:
     def closed(self) -> bool:
         return self._closed.is_set()
 
+    def close_cause(self) -> str:
+        """Why the socket closed, in words: the keepalive gave up, the server closed it
+        (with its code and reason), or the TCP connection dropped without a close frame."""
+        if self._dead_cause is not None:
+            return self._dead_cause
+        if self.close_code is None:
+            return "still open"
+        return _describe_close(self.close_code, self.close_reason)
+
     async def wait_closed(self) -> None:
         """Return when the socket has closed (the reader ended)."""
         await self._closed.wait()
@@ -248,11 +283,12 @@ class Connection:
             await ws.send(m.dumps(event))
         except ConnectionClosed as exc:
             code, reason = _close_info(exc)
+            reason = self._redact(reason)
             raise ConnectionLost(
-                f"connection closed while sending {event.type} (code {code})",
+                f"connection {_describe_close(code, reason)} while sending {event.type}",
                 code=code,
                 reason=reason,
-            ) from exc
+            ) from None  # the websockets exception's text carries the server's reason
 
     # --- connect + configure ------------------------------------------------------------------
 
@@ -267,16 +303,23 @@ class Connection:
                 open_timeout=self._open_timeout,
                 close_timeout=self._close_timeout,
                 user_agent_header=None,  # Endpoint.headers() carries ours
-                ping_interval=20.0,
-                ping_timeout=20.0,
+                ping_interval=None,  # our own keepalive: see the module docstring
                 logger=_RedactingLogger(_ws_log, self.endpoint.api_key),
             )
         except InvalidStatus as exc:
-            raise _handshake_error(exc) from exc
+            # Not chained: the websockets exception holds the server's raw response.
+            raise _handshake_error(exc, self.endpoint.api_key) from None
         except TimeoutError as exc:
             raise Timeout("the WebSocket handshake", self._open_timeout) from exc
-        except (InvalidHandshake, OSError) as exc:
+        except OSError as exc:
             raise ConnectionFailed(f"cannot connect to {self.endpoint.ws_base}: {exc}") from exc
+        except InvalidHandshake as exc:  # its text may quote the server's headers
+            raise ConnectionFailed(
+                f"cannot connect to {self.endpoint.ws_base}: {self._redact(str(exc))}"
+            ) from None
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self.endpoint.api_key)
 
     async def _wait_configured(self) -> None:
         try:
@@ -295,15 +338,20 @@ class Connection:
         code: int | None = None
         reason = ""
         try:
-            async for raw in ws:
+            while True:
+                self._rx_waiting_since = time.monotonic()
+                raw = await ws.recv()
+                self._rx_waiting_since = None
                 if not isinstance(raw, str):
                     log.warning("ignoring a binary frame (%d bytes): text only", len(raw))
                     continue
                 for note in self._handle(raw):
-                    await send.send(note)
-            code, reason = _close_info_ws(ws)
+                    await send.send(note)  # waits while the consumer is slow (back-pressure)
         except ConnectionClosed as exc:
             code, reason = _close_info(exc)
+            if self._dead_cause is not None:
+                code, reason = 1011, self._dead_cause
+            reason = self._redact(reason)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             code, reason = _close_info_ws(ws)  # the consumer went away: nothing to deliver
         except ProtocolViolation as exc:
@@ -317,6 +365,7 @@ class Connection:
             self._fail_setup(ConnectionFailed(f"reader failed: {exc!r}"))
             code, reason = 1011, repr(exc)
         finally:
+            self._rx_waiting_since = None
             self.close_code, self.close_reason = code, reason
             self._closed.set()
             if self.on_closed is not None:
@@ -325,7 +374,9 @@ class Connection:
             if not self._ready.is_set():
                 self._fail_setup(
                     ConnectionLost(
-                        f"connection closed before session.updated (code {code})",
+                        f"connection {self.close_cause()} before session.updated "
+                        f"(model {self.model!r}: the service closes the session of a model "
+                        "it does not know this way)",
                         code=code,
                         reason=reason,
                     )
@@ -337,6 +388,55 @@ class Connection:
                     send.send_nowait(note)
             send.close_send()
 
+    async def _keepalive(self, interval: float, pong_within: float) -> None:
+        """Ping after ``interval`` s of network silence; give up after ``pong_within`` s more.
+
+        Only time the reader spends waiting on the socket counts (module docstring). Never
+        raises into the TaskGroup; ends when the socket closes.
+        """
+        ws = self._ws
+        assert ws is not None
+        pong: asyncio.Future[float] | None = None
+        ping_at = 0.0
+        try:
+            while not self._closed.is_set():
+                since, now = self._rx_waiting_since, time.monotonic()
+                if pong is not None and pong.done():
+                    if not pong.cancelled():
+                        pong.exception()  # retrieved: a close fails it, we see the close anyway
+                    pong = None  # answered: the peer is alive
+                if pong is None:
+                    if since is not None and now - since >= interval:
+                        pong = cast("asyncio.Future[float]", await ws.ping())
+                        ping_at = now
+                        continue
+                    wait = interval if since is None else interval - (now - since)
+                elif since is None:
+                    wait = pong_within  # the reader is busy: the pong may sit behind audio
+                else:
+                    # Counted from the ping, or from the last frame after it (the peer lives).
+                    wait = max(since, ping_at) + pong_within - now
+                    if wait <= 0:
+                        self._dead_cause = (
+                            f"keepalive timeout: no pong within {pong_within:g} s "
+                            f"(and nothing received for {now - since:.1f} s)"
+                        )
+                        log.warning("%s; closing the connection", self._dead_cause)
+                        await ws.close(1011, "keepalive ping timeout")
+                        return
+                waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._closed.wait())]
+                if pong is not None:
+                    waiters.append(pong)
+                try:
+                    await asyncio.wait(waiters, timeout=max(wait, 0.001),
+                                       return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                finally:
+                    waiters[0].cancel()
+        except ConnectionClosed:
+            return
+        except Exception:  # never let the keepalive crash its owner's TaskGroup
+            log.exception("keepalive failed")
+
     def _handle(self, raw: str) -> list[Item]:
         """Parse one frame and run it through the state machine (the per-delta hot path)."""
         try:
@@ -345,6 +445,15 @@ class Connection:
             raise ProtocolViolation(f"frame is not valid JSON: {exc}") from exc
         if not isinstance(data, dict) or not isinstance(data.get("type"), str):
             raise ProtocolViolation("frame is not an event object with a string 'type'")
+        secret = self.endpoint.api_key
+        if secret:  # a server echoing the key: no field of its events may carry it on
+            if data["type"] != _DELTA_TYPE:
+                if secret in raw:
+                    data = orjson.loads(raw.replace(secret, "sk-***"))
+            else:  # only the short fields: searching 100 ms of base64 costs ~2 us a delta
+                for k, v in data.items():
+                    if k != "delta" and isinstance(v, str) and secret in v:
+                        data[k] = v.replace(secret, "sk-***")
         cls = m.SERVER_EVENTS.get(data["type"])
         if cls is None:
             log.debug("ignoring unknown event type %r", data["type"])
@@ -399,7 +508,26 @@ class _RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         if self.isEnabledFor(level):
             text = str(msg) % args if args else str(msg)
-            self.logger.log(level, "%s", redact(text, self._secret), **kwargs)
+            self.logger.log(level, "%s", _redact_fragments(text, self._secret), **kwargs)
+
+
+def _redact_fragments(text: str, secret: str | None, shortest: int = 6) -> str:
+    """Redact ``secret`` and any piece of it of ``shortest`` characters or more.
+
+    websockets' frame trace shortens a long frame to its head and tail ("...") and can so
+    cut an echoed key in two; each part is still a secret. Only for DEBUG traces: it is
+    quadratic in the key's length.
+    """
+    if not secret:
+        return text
+    text = text.replace(secret, "sk-***")
+    n = len(secret)
+    for size in range(n - 1, shortest - 1, -1):
+        for i in range(n - size + 1):
+            piece = secret[i : i + size]
+            if piece in text:
+                text = text.replace(piece, "sk-***")
+    return text
 
 
 def _close_info(exc: ConnectionClosed) -> tuple[int | None, str]:
@@ -408,12 +536,19 @@ def _close_info(exc: ConnectionClosed) -> tuple[int | None, str]:
     return 1006, "connection dropped without a close frame"
 
 
+def _describe_close(code: int | None, reason: str) -> str:
+    if code == 1006:
+        return "dropped by the server without a close frame (1006)"
+    return f"closed by the server with code {code}" + (f" ({reason!r})" if reason else "")
+
+
 def _close_info_ws(ws: ClientConnection) -> tuple[int | None, str]:
     code = ws.close_code
     return (code if code is not None else 1006), ws.close_reason or ""
 
 
-def _handshake_error(exc: InvalidStatus) -> ServerError | HandshakeRejected:
+def _handshake_error(exc: InvalidStatus, secret: str | None) -> ServerError | HandshakeRejected:
+    """Our error for an HTTP answer to the upgrade; every field from the body is redacted."""
     status = exc.response.status_code
     code: str | None = None
     message = ""
@@ -426,6 +561,9 @@ def _handshake_error(exc: InvalidStatus) -> ServerError | HandshakeRejected:
         code = body.get("code") if isinstance(body.get("code"), str) else None
         message = str(body.get("message") or body.get("msg") or "")
         request_id = body.get("request_id") if isinstance(body.get("request_id"), str) else None
+        code = redact(code, secret) if code is not None else None
+        message = redact(message, secret)
+        request_id = redact(request_id, secret) if request_id is not None else None
     if status in (401, 403, 429):
         return server_error(
             message or f"WebSocket handshake rejected with HTTP {status}",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import difflib
 import os
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Literal, TypeVar
@@ -28,15 +29,25 @@ from .config import Endpoint
 from .enrollment import Voice, Voices
 from .errors import ClosedError, ModelMismatch, UsageError
 from .fanout import Policy
-from .messages import MODES, SAMPLE_RATES
+from .messages import MODES, SAMPLE_RATES, VC_MODELS
 from .metrics import History, UtteranceMetrics
 from .pool import Pool, PoolKey, PoolStats
 from .samples import SampleReport, inspect_sample
 from .speech import Speech, SpeechOptions
 
-__all__ = ["Engine", "run"]
+__all__ = ["SESSION_KEYS", "Engine", "run"]
 
 T = TypeVar("T")
+
+#: The ``session.update`` keys of protocol.md §5.4 that ``**session`` may carry (``voice``,
+#: ``mode``, ``response_format`` and ``sample_rate`` have their own arguments). Any other
+#: name is refused before connecting (a typo such as ``speach_rate`` would otherwise be sent
+#: and silently ignored or refused by the server); a key the service added since goes
+#: through ``extra_session={...}`` unchecked.
+SESSION_KEYS = (
+    "language_type", "speech_rate", "volume", "pitch_rate", "bit_rate",
+    "instructions", "optimize_instructions", "enable_tn",
+)  # fmt: skip
 
 
 def run(main: Callable[[], Coroutine[Any, Any, T]] | Coroutine[Any, Any, T]) -> T:
@@ -70,8 +81,16 @@ class Engine(StackResource):
     ``api_key`` defaults to ``$DASHSCOPE_API_KEY``; ``region`` is ``"intl"`` or ``"cn"``;
     ``base_url`` (e.g. a :class:`~tts_stream.server.LocalServer`'s) wins over the region.
     ``pool_size`` warm spares are kept per (model, voice, format, rate, mode) once used;
-    ``max_idle_s`` replaces a spare before the service's idle limit. ``speech`` holds the
-    default :class:`~tts_stream.speech.SpeechOptions` of every utterance. ``aclose()`` (or
+    ``max_idle_s`` replaces a spare before the service's idle limit. Keepalive: a ping after
+    ``ping_interval`` s in which the socket delivered nothing while we were ready to read,
+    and the connection is given up after ``ping_timeout`` s more without an answer
+    (``ping_interval=None`` turns it off); back-pressure from slow sinks never counts.
+    ``speech`` holds the
+    default :class:`~tts_stream.speech.SpeechOptions` of every utterance. A ``model`` passed
+    to ``speak``/``prewarm`` must be one of :data:`~tts_stream.messages.VC_MODELS` (refused
+    before connecting otherwise, naming the known ones) or listed in ``extra_models``: the
+    escape hatch for a model the service added after this release (a voice's own
+    ``target_model``, as the server reports it, is always accepted). ``aclose()`` (or
     leaving the block) finishes the spare sessions gracefully and closes the HTTP session.
     """
 
@@ -87,15 +106,21 @@ class Engine(StackResource):
         dial_concurrency: int = 4,
         open_timeout: float = 10.0,
         configure_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float = 20.0,
         http_timeout: float = 30.0,
         history: int = 1000,
         speech: SpeechOptions = SpeechOptions(),  # noqa: B008 - frozen
+        extra_models: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.endpoint = Endpoint.resolve(
             api_key=api_key, region=region, base_url=base_url, workspace=workspace, env=env
         )
         self.speech_options = speech
+        if isinstance(extra_models, str):
+            raise UsageError("extra_models takes a list of model names, not one string")
+        self.extra_models = tuple(extra_models)
         self.history = History(history)
         self._pool_opts: dict[str, Any] = {
             "size": pool_size,
@@ -103,6 +128,8 @@ class Engine(StackResource):
             "dial_concurrency": dial_concurrency,
             "open_timeout": open_timeout,
             "configure_timeout": configure_timeout,
+            "ping_interval": ping_interval,
+            "ping_timeout": ping_timeout,
         }
         self._http_timeout = http_timeout
         self._pool: Pool | None = None
@@ -155,9 +182,16 @@ class Engine(StackResource):
         mode: str = "server_commit",
         sample_rate: int = 24000,
         response_format: str = "pcm",
+        extra_models: Sequence[str] = (),
+        extra_session: Mapping[str, Any] | None = None,
         **session: Any,
     ) -> PoolKey:
-        """The pool key of a session; raises :class:`ModelMismatch` / :class:`UsageError`."""
+        """The pool key of a session; raises :class:`ModelMismatch` / :class:`UsageError`.
+
+        ``**session`` keys must be among :data:`SESSION_KEYS`; ``extra_session`` adds keys
+        unchecked. ``model`` must be known (:data:`~tts_stream.messages.VC_MODELS` or
+        ``extra_models``) unless it is the voice's own ``target_model``.
+        """
         if isinstance(voice, Voice):
             name, enrolled = voice.name, voice.target_model
         elif isinstance(voice, str) and voice:
@@ -173,6 +207,25 @@ class Engine(StackResource):
             model = enrolled
         elif enrolled is not None and enrolled != model:
             raise ModelMismatch(name, enrolled, model)
+        elif enrolled is None and model not in VC_MODELS and model not in extra_models:
+            # The service answers an unknown model with session.created and a silent close
+            # (protocol.md §5.2): say what is wrong before connecting.
+            raise UsageError(
+                f"unknown model {model!r}: the known realtime models are "
+                f"{', '.join(VC_MODELS)}{_suggest(model, VC_MODELS)}; for a model the "
+                f"service added since, pass Engine(extra_models=[{model!r}])"
+            )
+        unknown = [k for k in session if k not in SESSION_KEYS]
+        if unknown:
+            k = unknown[0]
+            raise UsageError(
+                f"unknown session option {k!r}{_suggest(k, SESSION_KEYS)}; the session.update "
+                f"keys are {', '.join(SESSION_KEYS)} (and voice, mode, sample_rate, "
+                f"response_format); send a key this client does not know with "
+                f"extra_session={{{k!r}: ...}}"
+            )
+        if extra_session:
+            session = {**session, **extra_session}
         if mode not in MODES:
             raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if sample_rate not in SAMPLE_RATES:
@@ -203,7 +256,9 @@ class Engine(StackResource):
         ``model`` defaults to ``voice.target_model`` (a mismatch raises
         :class:`~tts_stream.errors.ModelMismatch` here, before connecting); a plain voice
         name needs ``model``. ``**session`` adds ``session.update`` keys (``language_type``,
-        ``speech_rate``, ``volume``, ``pitch_rate``...). ``policies`` maps sink names to a
+        ``speech_rate``, ``volume``, ``pitch_rate``...: :data:`SESSION_KEYS`; any other name
+        is refused as a likely typo, ``extra_session={...}`` sends new keys unchecked).
+        ``policies`` maps sink names to a
         fan-out :class:`~tts_stream.fanout.Policy`.
 
         ``sample_rate`` defaults to the rate every sink prefers when they all agree (telephony
@@ -212,7 +267,8 @@ class Engine(StackResource):
         """
         pool = self._pool_or_raise()
         rate = sample_rate if sample_rate is not None else preferred_rate(sinks)
-        key = self.pool_key(voice, model=model, mode=mode, sample_rate=rate, **session)
+        key = self.pool_key(voice, model=model, mode=mode, sample_rate=rate,
+                            extra_models=self.extra_models, **session)  # fmt: skip
         opts = options or self.speech_options
         changes: dict[str, Any] = {}
         if first_commit is not None:
@@ -242,8 +298,15 @@ class Engine(StackResource):
         sample_rate: int = 24000,
         **session: Any,
     ) -> None:
-        """Keep ``n`` configured spare sessions for this voice ready; returns once they are."""
-        key = self.pool_key(voice, model=model, mode=mode, sample_rate=sample_rate, **session)
+        """Keep ``n`` configured spare sessions for this voice ready; returns once they are.
+
+        Raises the dial's error when fewer than ``n`` could be made:
+        :class:`~tts_stream.errors.ConnectionFailed` (nothing listening),
+        :class:`~tts_stream.errors.Timeout` (a server that never answers), a
+        :class:`~tts_stream.errors.ServerError` (key or configuration refused).
+        """
+        key = self.pool_key(voice, model=model, mode=mode, sample_rate=sample_rate,
+                            extra_models=self.extra_models, **session)  # fmt: skip
         await self._pool_or_raise().prewarm(key, n)
 
     def pool_stats(self) -> PoolStats:
@@ -252,4 +315,10 @@ class Engine(StackResource):
 
     def spares(self, voice: Voice | str, **kwargs: Any) -> int:
         """Warm spares ready now for the session ``speak(voice, **kwargs)`` would use."""
+        kwargs.setdefault("extra_models", self.extra_models)
         return self._pool_or_raise().spares(self.pool_key(voice, **kwargs))
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -23,8 +23,9 @@ Retry policy (why):
   figure, still capped by ``RetryPolicy.max_delay`` so that no call blocks for long.
 
 The API key never appears in a log record, an exception message or a ``repr``: it is only
-ever read by :meth:`Endpoint.headers`, and server messages are passed through
-:func:`~tts_stream.errors.redact` in case a server echoes it.
+ever read by :meth:`Endpoint.headers`, and everything taken from a response (the body, the
+``x-request-id`` header, the reason phrase; so ``message``, ``code`` and ``request_id`` of
+errors) is passed through :func:`~tts_stream.errors.redact` in case a server echoes it.
 """
 
 from __future__ import annotations
@@ -499,7 +500,12 @@ class Voices:
                 ConnectionFailed(f"{action} to {url} failed: {type(exc).__name__}: {exc}"),
                 exc,
             ) from None
+        key = self._endpoint.api_key
+        if key and key.encode() in raw:  # a server that echoes the key: keep it out of all
+            raw = raw.replace(key.encode(), b"sk-***")
         header_rid = resp_headers.get("x-request-id")
+        header_rid = redact(header_rid, key) if header_rid is not None else None
+        reason = redact(reason, key) if reason is not None else None
         body = _loads(raw)
         log.debug(
             "enrollment %s -> HTTP %d in %.0f ms (request_id=%s)",
@@ -540,13 +546,14 @@ class Voices:
         self, body: Any, status: int, reason: str | None, header_rid: str | None
     ) -> ServerError:
         info = parse_enrollment_error(body, request_id=header_rid)
-        # A server could echo the key back in a message (an "invalid key: sk-..." text).
-        message = redact(info.message, self._endpoint.api_key).strip()
+        # A server could echo the key back in any field (an "invalid key: sk-..." text).
+        key = self._endpoint.api_key
+        message = redact(info.message, key).strip()
         return server_error(
             message or f"HTTP {status} {reason or ''}".strip(),
-            code=info.code,
+            code=redact(info.code, key) if info.code is not None else None,
             status=status,
-            request_id=info.request_id,
+            request_id=redact(info.request_id, key) if info.request_id is not None else None,
         )
 
 

@@ -172,11 +172,19 @@ class QuotaExceeded(ServerError):
 
 
 class Timeout(TtsStreamError, TimeoutError):
-    """A bounded wait ran out."""
+    """A bounded wait ran out: ``what`` it waited for and after how many ``seconds``.
 
-    def __init__(self, what: str, seconds: float) -> None:
-        self.what, self.seconds = what, seconds
-        super().__init__(f"timed out after {seconds:g} s waiting for {what}")
+    ``inactivity`` is true when the limit is on time without progress (the waits of a
+    speech), false for a plain deadline (connecting, a request).
+    """
+
+    def __init__(self, what: str, seconds: float, *, inactivity: bool = False) -> None:
+        self.what, self.seconds, self.inactivity = what, seconds, inactivity
+        if inactivity:
+            # The limit is on silence (no audio, event or sink progress), not on the length.
+            super().__init__(f"timed out waiting for {what}: {seconds:g} s without progress")
+        else:
+            super().__init__(f"timed out after {seconds:g} s waiting for {what}")
 
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})

@@ -38,7 +38,7 @@ from typing import Any
 from ._resource import StackResource
 from .config import Endpoint
 from .connection import Connection
-from .errors import ClosedError, Timeout, UsageError
+from .errors import ClosedError, ConnectionFailed, Timeout, UsageError
 from .metrics import AcquireInfo
 
 __all__ = ["Lease", "Pool", "PoolKey", "PoolStats"]
@@ -187,6 +187,7 @@ class Pool(StackResource):
         }  # fmt: skip
         self._in_flight = 0
         self._backoff: dict[PoolKey, float] = {}
+        self._dial_errors: dict[PoolKey, Exception] = {}  # the last failed spare dial
         open_t = float(connect.get("open_timeout", 10.0))
         conf_t = float(connect.get("configure_timeout", 10.0))
         self._dial_timeout = open_t + conf_t + 5.0
@@ -236,8 +237,16 @@ class Pool(StackResource):
         return sum(1 for s in self._spares.get(key, ()) if s.conn and s.conn.is_usable)
 
     async def prewarm(self, key: PoolKey, n: int, *, wait: bool = True) -> None:
-        """Keep at least ``n`` spares of ``key``; with ``wait`` return once they are ready."""
+        """Keep at least ``n`` spares of ``key``; with ``wait`` return once they are ready.
+
+        With ``wait``, raises the error of a failed dial when fewer than ``n`` spares could
+        be made (:class:`~tts_stream.errors.ConnectionFailed` for a refused connection,
+        :class:`~tts_stream.errors.Timeout` for a server that never answers, a
+        :class:`~tts_stream.errors.ServerError` for a refused key or configuration); the
+        spares that did connect stay in the pool.
+        """
         self._check_open()
+        self._dial_errors.pop(key, None)
         self._target[key] = max(self._target.get(key, 0), n)
         self._ensure(key)
         if not wait:
@@ -251,6 +260,11 @@ class Pool(StackResource):
                     await self._changed.wait()
         except TimeoutError as exc:
             raise Timeout(f"{n} warm spares", self._dial_timeout) from exc
+        if self.spares(key) < n:
+            err = self._dial_errors.pop(key, None)
+            if err is not None:
+                raise err
+            raise ConnectionFailed(f"only {self.spares(key)} of {n} warm spares connected")
 
     async def acquire(self, key: PoolKey) -> Lease:
         """A configured connection for ``key``: a warm spare if one is ready, else dial now."""
@@ -335,6 +349,7 @@ class Pool(StackResource):
                     if waiter is not None and not waiter.done():
                         waiter.set_exception(exc)
                     else:
+                        self._dial_errors[key] = exc
                         log.warning("dialling a spare for %s failed: %s", key.voice, exc)
                     return
                 finally:

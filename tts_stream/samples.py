@@ -60,6 +60,7 @@ __all__ = [
     "MAX_BYTES",
     "MAX_DURATION_S",
     "MAX_PAUSE_S",
+    "MAX_SAMPLE_RATE",
     "MIN_SAMPLE_RATE",
     "MIN_SPEECH_S",
     "RECOMMENDED_DURATION_S",
@@ -88,6 +89,8 @@ MAX_BYTES: Final = 10 * 1024 * 1024
 MAX_DURATION_S: Final = 60.0
 RECOMMENDED_DURATION_S: Final = (10.0, 20.0)
 MIN_SAMPLE_RATE: Final = 24000
+MAX_SAMPLE_RATE: Final = 384000
+"""A higher rate is no recording (the highest studio rate is 384 kHz): refused from the header."""
 MIN_SPEECH_S: Final = 3.0
 MAX_PAUSE_S: Final = 2.0
 
@@ -116,8 +119,10 @@ _RUN_GAP_S: Final = 0.5  # segments closer than this are one run of continuous r
 _MIN_SEGMENT_S: Final = 0.09  # shorter blips are clicks, not speech
 _VOICING: Final = 0.45  # normalised autocorrelation peak of a voiced frame
 _OCTAVE_COST: Final = 0.05  # per octave of lag, see _periodicity
-# Long files are still inspected, but only this much audio is analysed.
-_MAX_ANALYSIS_S: Final = 180.0
+# Decoding stops after this much audio: a file whose header hides a longer duration is over
+# the limit anyway, and the analysis (memory, CPU) stays bounded whatever the file claims.
+_MAX_ANALYSIS_S: Final = MAX_DURATION_S + 1.0
+_BLOCK_FRAMES: Final = 256  # frames per FFT block of the periodicity analysis (~4 MB each)
 # A path is read up to a little over the limit: enough to see it is too big and to measure
 # the rest from its beginning, without loading a huge file.
 _READ_LIMIT: Final = MAX_BYTES + 1024 * 1024
@@ -241,7 +246,19 @@ def _wav_chunks(data: bytes) -> tuple[bytes, int, int]:
     raise _DecodeError("WAV file has no " + ("data" if fmt else "fmt") + " chunk")
 
 
-def _decode_wav(data: bytes, rate: int, size: int) -> _Audio:
+@dataclass(frozen=True)
+class _Header:
+    """What the container says before any decoding: rate, channels, duration (0 if unknown),
+    and the problems the header alone shows (a WAV that is not 16-bit PCM)."""
+
+    sample_rate: int
+    channels: int
+    duration_s: float
+    extra: tuple[Problem, ...] = ()
+
+
+def _wav_header(data: bytes, size: int) -> tuple[_Header, tuple[int, int, int], memoryview]:
+    """(header, (format tag, block size, bits), the data chunk's bytes present) of a WAV."""
     fmt, start, declared = _wav_chunks(data)
     # Streamed WAVs carry a placeholder size, a path may have been read only in part: clamp
     # to what is there (the duration uses what the whole file holds).
@@ -254,11 +271,44 @@ def _decode_wav(data: bytes, rate: int, size: int) -> _Audio:
         tag = struct.unpack_from("<H", fmt, 24)[0]
     if channels < 1 or sample_rate < 1 or block < 1:
         raise _DecodeError("WAV header has zero channels, rate or block size")
-    extra: list[Problem] = []
+    depth: tuple[Problem, ...] = ()
+    plain = block == bits // 8 * channels  # otherwise _decode_wav hands it to PyAV
+    if plain and ((tag == 1 and bits in (8, 24, 32)) or (tag == 3 and bits in (32, 64))):
+        kind = f"{bits}-bit" + (" float" if tag == 3 else "")
+        depth = (Problem("bit_depth", f"WAV must be 16-bit PCM, this one is {kind}", bits, 16),)
+    header = _Header(sample_rate, channels, stored // block / sample_rate, depth)
+    return header, (tag, block, bits), body
+
+
+def _probe(data: bytes, container: str, size: int) -> _Header:
+    """The container's own rate, channels and duration, without decoding any audio."""
+    if container == "wav":
+        return _wav_header(data, size)[0]
+    import av  # lazy: only compressed samples need FFmpeg
+
+    try:
+        with av.open(io.BytesIO(data), "r") as opened:
+            if not opened.streams.audio:
+                raise _DecodeError("no audio stream")
+            stream = opened.streams.audio[0]
+            duration = opened.duration / 1e6 if opened.duration else 0.0
+            return _Header(int(stream.rate or 0), int(stream.channels or 0), duration)
+    except _DecodeError:
+        raise
+    except Exception as exc:  # PyAV raises many types (FFmpegError, ValueError, ...)
+        raise _DecodeError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _decode_wav(data: bytes, rate: int, size: int) -> _Audio:
+    header, (tag, block, bits), body = _wav_header(data, size)
+    sample_rate, channels = header.sample_rate, header.channels
+    extra = list(header.extra)
     width = bits // 8
+    # Only the analysed span is converted: memory follows _MAX_ANALYSIS_S, not the file.
+    most = int(_MAX_ANALYSIS_S * sample_rate)
     if tag == 1 and bits in (8, 16, 24, 32) and block == width * channels:
         codec = f"pcm_{'u' if bits == 8 else 's'}{bits}"
-        frames = len(body) // block
+        frames = min(len(body) // block, most)
         raw = np.frombuffer(body[: frames * block], np.uint8).reshape(frames, channels, width)
         if bits == 8:
             x = (raw[..., 0].astype(np.float32) - 128.0) / 128.0
@@ -266,18 +316,11 @@ def _decode_wav(data: bytes, rate: int, size: int) -> _Audio:
             # Keep the two most significant bytes: enough for every check made here.
             hi = raw[..., width - 2 :].copy().view("<i2")[..., 0]
             x = hi.astype(np.float32) / 32768.0
-        if bits != 16:
-            extra.append(
-                Problem("bit_depth", f"WAV must be 16-bit PCM, this one is {bits}-bit", bits, 16)
-            )
     elif tag == 3 and bits in (32, 64) and block == width * channels:
         codec = f"pcm_f{bits}le"
-        frames = len(body) // block
+        frames = min(len(body) // block, most)
         x = np.frombuffer(body[: frames * block], f"<f{width}").reshape(frames, channels)
         x = x.astype(np.float32)
-        extra.append(
-            Problem("bit_depth", f"WAV must be 16-bit PCM, this one is {bits}-bit float", bits, 16)
-        )
     else:
         # ADPCM, mu-law...: not allowed, but PyAV can still decode it for the other checks.
         audio = _decode_av(data, rate, size)
@@ -287,12 +330,10 @@ def _decode_wav(data: bytes, rate: int, size: int) -> _Audio:
         )  # fmt: skip
         return audio
     mono = x.mean(axis=1) if channels > 1 else x[:, 0]
-    mono = mono[: int(_MAX_ANALYSIS_S * sample_rate)]
     if sample_rate != rate:
         mono = soxr.resample(mono, sample_rate, rate)
     pcm = np.clip(np.round(mono * 32768.0), -32768, 32767).astype(np.int16)
-    duration = stored // block / sample_rate
-    return _Audio(codec, sample_rate, channels, bits, duration, pcm, extra)
+    return _Audio(codec, sample_rate, channels, bits, header.duration_s, pcm, extra)
 
 
 def _s16(frame: Any) -> PCM16:
@@ -340,7 +381,7 @@ def _decode(data: bytes, container: str, rate: int, size: int) -> _Audio:
 
 
 def decode_mono(data: bytes, rate: int) -> PCM16:
-    """Decode a WAV/MP3/M4A file (by content) to int16 mono at ``rate`` (first 180 s at most).
+    """Decode a WAV/MP3/M4A file (by content) to int16 mono at ``rate`` (first 61 s at most).
 
     Raises :class:`~tts_stream.errors.UsageError` when the bytes are no such file.
     """
@@ -367,7 +408,20 @@ def _periodicity(
 
     The autocorrelation of the windowed frame is divided by that of the window itself
     (Boersma 1993), so a perfectly periodic frame scores ~1 at any lag, not less at long lags.
+    Computed in blocks of :data:`_BLOCK_FRAMES` frames, so memory does not grow with the audio.
     """
+    if frames.shape[0] <= _BLOCK_FRAMES:
+        return _periodicity_block(frames, rate, fmin, fmax)
+    parts = [
+        _periodicity_block(frames[i : i + _BLOCK_FRAMES], rate, fmin, fmax)
+        for i in range(0, frames.shape[0], _BLOCK_FRAMES)
+    ]
+    return np.concatenate([p for p, _ in parts]), np.concatenate([lag for _, lag in parts])
+
+
+def _periodicity_block(
+    frames: npt.NDArray[np.float64], rate: int, fmin: float, fmax: float
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.intp]]:
     n = frames.shape[1]
     window = np.hanning(n)
     frames = (frames - frames.mean(axis=1, keepdims=True)) * window
@@ -512,13 +566,14 @@ def inspect_sample(source: str | os.PathLike[str] | bytes) -> SampleReport:
     uri_size = data_uri_size(size, mime or "application/octet-stream")
     if size >= MAX_BYTES:
         problems.append(
-            Problem("size", f"file is {size / 1e6:.1f} MB; it must be under "
-                    f"{MAX_BYTES / 1e6:.1f} MB", size, MAX_BYTES)
+            Problem("size", f"file is {size:,} bytes ({size / 2**20:.2f} MiB); it must be "
+                    f"under {MAX_BYTES:,} bytes ({MAX_BYTES / 2**20:g} MiB)", size, MAX_BYTES)
         )  # fmt: skip
     if uri_size >= MAX_BYTES:
         problems.append(
-            Problem("data_uri_size", f"as a base64 data URI it is {uri_size / 1e6:.1f} MB; it "
-                    f"must be under {MAX_BYTES / 1e6:.1f} MB", uri_size, MAX_BYTES)
+            Problem("data_uri_size", f"as a base64 data URI it is {uri_size:,} bytes "
+                    f"({uri_size / 2**20:.2f} MiB); it must be under {MAX_BYTES:,} bytes "
+                    f"({MAX_BYTES / 2**20:g} MiB)", uri_size, MAX_BYTES)
         )  # fmt: skip
     base = SampleReport(mime=mime, container=container, size_bytes=size, data_uri_bytes=uri_size)
     if container is None:
@@ -528,6 +583,15 @@ def inspect_sample(source: str | os.PathLike[str] | bytes) -> SampleReport:
         )  # fmt: skip
         return _finish(base, problems, warnings)
     try:
+        # The container's own figures first: a file that says it is too long or has an
+        # absurd rate is refused without decoding (decoding it would cost CPU and memory).
+        header = _probe(data, container, size)
+        if header.sample_rate > MAX_SAMPLE_RATE or header.duration_s > MAX_DURATION_S:
+            problems += header.extra
+            _format_rules(header, problems, warnings)
+            refused = replace(base, sample_rate=header.sample_rate, channels=header.channels,
+                              duration_s=round(header.duration_s, 3))  # fmt: skip
+            return _finish(refused, problems, warnings)
         audio = _decode(data, container, _VAD_RATE, size)
     except _DecodeError as exc:
         if len(data) < size:  # read in part (already too big): do not blame the decoder
@@ -538,28 +602,8 @@ def inspect_sample(source: str | os.PathLike[str] | bytes) -> SampleReport:
                                     str(exc), None))  # fmt: skip
         return _finish(base, problems, warnings)
     problems += audio.extra
-    if audio.sample_rate < MIN_SAMPLE_RATE:
-        problems.append(
-            Problem("sample_rate", f"sample rate is {audio.sample_rate} Hz; it must be at least "
-                    f"{MIN_SAMPLE_RATE} Hz", audio.sample_rate, MIN_SAMPLE_RATE)
-        )  # fmt: skip
-    if audio.channels != 1:
-        problems.append(
-            Problem("channels", f"audio has {audio.channels} channels; it must be mono",
-                    audio.channels, 1)
-        )  # fmt: skip
     duration = round(audio.duration_s, 3)
-    lo, hi = RECOMMENDED_DURATION_S
-    if duration > MAX_DURATION_S:
-        problems.append(
-            Problem("duration", f"duration is {duration:.1f} s; the maximum is "
-                    f"{MAX_DURATION_S:.0f} s", duration, MAX_DURATION_S)
-        )  # fmt: skip
-    elif not lo <= duration <= hi:
-        warnings.append(
-            Problem("duration", f"duration is {duration:.1f} s; {lo:.0f}–{hi:.0f} s is "
-                    "recommended", duration, f"{lo:.0f}-{hi:.0f}")
-        )  # fmt: skip
+    _format_rules(_Header(audio.sample_rate, audio.channels, duration), problems, warnings)
     stats = _speech_stats(audio.mono)
     if stats.longest_run_s < MIN_SPEECH_S:
         problems.append(
@@ -588,6 +632,38 @@ def inspect_sample(source: str | os.PathLike[str] | bytes) -> SampleReport:
         pitch_hz=measure_pitch(audio.mono, _VAD_RATE) if stats.speech_s else None,
     )
     return _finish(measured, problems, warnings)
+
+
+def _format_rules(header: _Header, problems: list[Problem], warnings: list[Problem]) -> None:
+    """The sample-rate, channel and duration rules, on the header's or the decoded figures."""
+    rate, duration = header.sample_rate, round(header.duration_s, 3)
+    if rate < MIN_SAMPLE_RATE:
+        problems.append(
+            Problem("sample_rate", f"sample rate is {rate} Hz; it must be at least "
+                    f"{MIN_SAMPLE_RATE} Hz", rate, MIN_SAMPLE_RATE)
+        )  # fmt: skip
+    elif rate > MAX_SAMPLE_RATE:
+        problems.append(
+            Problem("sample_rate", f"sample rate is {rate} Hz; no recording has more than "
+                    f"{MAX_SAMPLE_RATE} Hz", rate, MAX_SAMPLE_RATE)
+        )  # fmt: skip
+    if header.channels != 1:
+        problems.append(
+            Problem("channels", f"audio has {header.channels} channels; it must be mono",
+                    header.channels, 1)
+        )  # fmt: skip
+    lo, hi = RECOMMENDED_DURATION_S
+    if duration > MAX_DURATION_S:
+        problems.append(
+            Problem("duration", f"duration is {duration:.1f} s; the maximum is "
+                    f"{MAX_DURATION_S:.0f} s", duration,
+                    MAX_DURATION_S)
+        )  # fmt: skip
+    elif not lo <= duration <= hi:
+        warnings.append(
+            Problem("duration", f"duration is {duration:.1f} s; {lo:.0f}–{hi:.0f} s is "
+                    "recommended", duration, f"{lo:.0f}-{hi:.0f}")
+        )  # fmt: skip
 
 
 def _finish(base: SampleReport, problems: list[Problem], warnings: list[Problem]) -> SampleReport:

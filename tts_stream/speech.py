@@ -20,7 +20,13 @@ bookkeeping that makes these work:
   (closes it: ``response.cancel`` is not documented, §5.4), drops late deltas, interrupts
   every sink at once and reports what was played. The next push dials a new session.
 * **Finish**: leaving the block sends ``session.finish``, waits for ``session.finished`` and
-  for every sink to drain (bounded by ``drain_timeout``), and closes the sinks it opened.
+  for every sink to drain, and closes the sinks it opened.
+* **Waits are bounded by inactivity**, never by the length of the speech: a wait (room for
+  text, ``session.finished``, sinks draining) raises :class:`~tts_stream.errors.Timeout`
+  only after ``idle_timeout`` seconds without *progress*: an audio delta or another event
+  from the server, or a sink taking a frame. A three-minute utterance from a real-time
+  server, or into a real-time sink, finishes; a stalled server is reported after
+  ``idle_timeout`` of silence.
 
 Errors of the pump are raised to the caller from the next ``push``/``commit`` or from the
 exit of the ``async with`` block, never as an ExceptionGroup. Boundary: uses the pool, the
@@ -85,7 +91,15 @@ class SpeechState(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class SpeechOptions:
-    """Tuning of a :class:`Speech` (all keyword-only; defaults suit a voice bot)."""
+    """Tuning of a :class:`Speech` (all keyword-only; defaults suit a voice bot).
+
+    ``idle_timeout``: the longest any wait of the speech goes on *without progress* (an
+    audio delta or event from the server, a sink taking a frame); never a deadline on the
+    whole utterance. ``stall_timeout`` and ``drain_timeout`` (older names, kept) override it
+    for one phase: waiting for room to push, and finishing (``session.finished``, sinks
+    draining); both are inactivity limits too. ``sink_timeout`` bounds one sink call
+    (open, close, interrupt, its final drain).
+    """
 
     max_pending_chars: int = 2000
     max_unplayed_ms: float = 4000.0
@@ -93,9 +107,43 @@ class SpeechOptions:
     policies: Mapping[str, Policy] = field(default_factory=dict)
     first_commit: Literal["clause"] | None = None
     retries: int = 2
-    drain_timeout: float = 60.0
-    stall_timeout: float = 30.0
+    idle_timeout: float = 30.0
+    drain_timeout: float | None = None
+    stall_timeout: float | None = None
     sink_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("idle_timeout", "drain_timeout", "stall_timeout", "sink_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UsageError(f"SpeechOptions.{name} must be > 0, got {value!r}")
+
+    @property
+    def finish_idle_s(self) -> float:
+        """Inactivity limit while finishing (``drain_timeout``, else ``idle_timeout``)."""
+        return self.drain_timeout if self.drain_timeout is not None else self.idle_timeout
+
+    @property
+    def push_idle_s(self) -> float:
+        """Inactivity limit while ``push`` waits for room (``stall_timeout``, else
+        ``idle_timeout``)."""
+        return self.stall_timeout if self.stall_timeout is not None else self.idle_timeout
+
+
+class _Progress(asyncio.Event):
+    """An event set on every sign of progress, remembering when (``at``, monotonic).
+
+    Set by the pump for every server event and by the fan-out for every frame a sink took;
+    inactivity limits are measured from ``at``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at = time.monotonic()
+
+    def set(self) -> None:
+        self.at = time.monotonic()
+        super().set()
 
 
 @dataclass(frozen=True)
@@ -180,7 +228,7 @@ class Speech:
         self._sinks = list(sinks)
         self._on_done = on_done
         self.state = SpeechState.NEW
-        self._progress = asyncio.Event()
+        self._progress = _Progress()
         # Set when the session completes or fails: what finishing waits for (not every delta).
         self._ended = asyncio.Event()
         self._send_lock = asyncio.Lock()
@@ -486,12 +534,13 @@ class Speech:
                     self._pending, self._created_mark = "", 0
                     continue
             self._progress.clear()
+            limit = self.options.push_idle_s
             try:
-                async with asyncio.timeout(_IDLE_STEP_S if idle else self.options.stall_timeout):
+                async with asyncio.timeout(_IDLE_STEP_S if idle else limit):
                     await self._progress.wait()
             except TimeoutError as exc:
                 if not idle:
-                    raise Timeout("room for more text", self.options.stall_timeout) from exc
+                    raise Timeout("room for more text", limit, inactivity=True) from exc
 
     # --- the pump -----------------------------------------------------------------------------
 
@@ -522,7 +571,7 @@ class Speech:
                     self._ended.set()
                 elif isinstance(item, p.SessionLost) and lost is None:
                     lost = ConnectionLost(
-                        f"connection lost before the session finished (code {item.code})",
+                        f"connection {conn.close_cause()} before the session finished",
                         code=item.code,
                         reason=item.reason,
                         audio_received=self._audio_delivered,
@@ -531,7 +580,12 @@ class Speech:
             if att.retired or att.complete.is_set():
                 return
             if lost is None:
-                lost = ConnectionLost("connection closed", audio_received=self._audio_delivered)
+                lost = ConnectionLost(
+                    f"connection {conn.close_cause()} before the session finished",
+                    code=conn.close_code,
+                    reason=conn.close_reason,
+                    audio_received=self._audio_delivered,
+                )
             await self._after_loss(att, lost)
         except asyncio.CancelledError:
             raise
@@ -624,7 +678,8 @@ class Speech:
     async def _finish_and_drain(self) -> None:
         assert self._fanout is not None
         self.state = SpeechState.FINISHING
-        deadline = time.monotonic() + self.options.drain_timeout
+        limit = self.options.finish_idle_s
+        started = time.monotonic()
         async with self._send_lock:
             att = self._attempt
             # Sent (or, on a dead session, recorded for the replay) unless already finishing.
@@ -636,9 +691,11 @@ class Speech:
             if self._failure is not None or att is None or att.complete.is_set():
                 break
             self._ended.clear()
-            remaining = deadline - time.monotonic()
+            # Woken at the end, or when the limit since the last progress may have run out
+            # (not on every delta: the pump and the sinks only stamp _progress.at).
+            remaining = max(started, self._progress.at) + limit - time.monotonic()
             if remaining <= 0:
-                raise Timeout("session.finished", self.options.drain_timeout)
+                raise Timeout("session.finished", limit, inactivity=True)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await self._ended.wait()
@@ -647,8 +704,21 @@ class Speech:
         if self._failure is not None:
             await self._drain_quietly()
             raise self._failure
+        await self._wait_sinks_caught_up(limit)
         await self._fanout.drain()
         self.state = SpeechState.DONE
+
+    async def _wait_sinks_caught_up(self, limit: float) -> None:
+        """Wait until no lossless queue holds audio, bounded by inactivity: a real-time sink
+        takes as long as the audio it has queued (the fan-out's own drain is a deadline)."""
+        assert self._fanout is not None
+        while self._fanout.backlog_samples() > 0:
+            self._progress.clear()
+            try:
+                async with asyncio.timeout(limit):
+                    await self._progress.wait()
+            except TimeoutError as exc:
+                raise Timeout("sinks to play the queued audio", limit, inactivity=True) from exc
 
     async def _drain_quietly(self) -> None:
         if self._fanout is None:

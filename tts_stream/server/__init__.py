@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -34,11 +35,14 @@ from types import TracebackType
 from typing import Any, Literal
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from ..errors import ClosedError, UsageError
 from ..messages import REALTIME_PATH
-from .app import EnrollmentConfig, ServerApp
+from .app import EnrollmentConfig, ServerApp, is_loopback_host
 from .faults import Counters, Faults, ServerStats
+from .listener import ClientFaultFilter, Listener, connection_cap
 from .realtime import RealtimeConfig
 from .synth import Synthesizer, make_synthesizer
 from .voices import VoiceStore
@@ -46,6 +50,11 @@ from .voices import VoiceStore
 __all__ = ["Faults", "LocalServer"]
 
 log = logging.getLogger(__name__)
+
+# aiohttp logs every malformed request and every mid-request disconnect at ERROR with a
+# traceback: through this logger they are one rate-limited WARNING line instead.
+_http_log = logging.getLogger(__name__ + ".http")
+_http_log.addFilter(ClientFaultFilter((HttpProcessingError, ConnectionError, RequestPayloadError)))
 
 DATA_ENV = "TTS_STREAM_DATA"
 _DB_NAME = "voices.sqlite3"
@@ -58,6 +67,87 @@ def default_data_dir() -> Path:
     return Path(env) if env else Path.home() / ".local" / "share" / "tts-stream"
 
 
+def public_bind_warning(host: str) -> str | None:
+    """The warning for serving on ``host`` when it is not a loopback address, else None."""
+    if is_loopback_host(host):
+        return None
+    return (f"serving on {host}: reachable from other machines, in plain HTTP (no TLS), so "
+            "the API key crosses the network readable by anyone on the path; bind 127.0.0.1 "
+            "(the default) unless that is what you want. Sample URLs are fetched only for "
+            "clients on this machine.")  # fmt: skip
+
+
+_PRIVATE_HINT = 'use a private directory of your own instead, e.g. --data-dir "$(mktemp -d)"'
+
+
+def _check_owned(path: Path, st: os.stat_result, what: str) -> None:
+    """Refuse ``path`` unless this user owns it and neither group nor others can write it."""
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise UsageError(f"{what} {path} belongs to uid {st.st_uid}, not to you (uid {me}): "
+                         "another user could plant or read its contents; "
+                         f"{_PRIVATE_HINT}")  # fmt: skip
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        mode = stat.S_IMODE(st.st_mode)
+        raise UsageError(f"{what} {path} is writable by group or others (mode {mode:o}): run "
+                         f"'chmod go-w {path}', or {_PRIVATE_HINT}")  # fmt: skip
+
+
+def private_data_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) or check that it is this user's and not group/world-writable.
+
+    Raises :class:`~tts_stream.errors.UsageError` naming the path and the fix otherwise.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"data directory {path} is not a directory")
+    _check_owned(path, st, "data directory")
+    return path
+
+
+def open_private_file(path: Path, flags: int) -> int | None:
+    """A descriptor of the existing regular file ``path``, never through a symlink, after
+    checking its owner and mode; ``None`` when it does not exist (create it with
+    :func:`create_private_file`)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink, dangling or not: never followed
+            raise UsageError(f"{path} is a symbolic link; refusing to follow it: remove it "
+                             "(the server creates the file itself)") from exc  # fmt: skip
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{path} is not a regular file: remove it")
+        _check_owned(path, st, "file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create_private_file(path: Path) -> int:
+    """Create ``path`` for writing with ``O_CREAT | O_EXCL | O_NOFOLLOW`` and mode 0600."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError as exc:  # appeared meanwhile (or a dangling symlink)
+        raise UsageError(f"{path} appeared while the server was creating it: remove it if "
+                         "you did not make it, then start again") from exc  # fmt: skip
+
+
+def _prepare_store(data_dir: Path) -> Path:
+    """Check the data directory and the database file (created 0600 when absent)."""
+    private_data_dir(data_dir)
+    db = data_dir / _DB_NAME
+    fd = open_private_file(db, os.O_RDONLY)
+    os.close(fd if fd is not None else create_private_file(db))
+    return db
+
+
 class LocalServer:
     """The local server as an async context manager (see the module docstring).
 
@@ -66,6 +156,12 @@ class LocalServer:
     clock (epoch seconds) used for voice names, timestamps and the retention purge; tests
     inject their own. Realtime options (``pacing``, ``delta_ms``, ``cut_*``, ``cancel``,
     ``session_timeout_s``) are described in ``realtime.py``.
+
+    Limits against slow, broken or hostile clients: ``max_connections`` open at once (lowered
+    to fit the open-files limit; more wait in the listen backlog), ``header_timeout_s`` for a
+    request's headers to arrive (also the idle keep-alive time), ``body_timeout_s`` for its
+    body, ``max_inspections`` clone samples decoded and analysed at once, ``max_uploads``
+    large bodies (over 1 MiB) read and inspected at once.
     """
 
     def __init__(
@@ -88,6 +184,11 @@ class LocalServer:
         session_timeout_s: float = 600.0,
         synthesizer: Synthesizer | None = None,
         backlog: int = 2048,
+        max_connections: int = 4096,
+        header_timeout_s: float = 20.0,
+        body_timeout_s: float = 30.0,
+        max_inspections: int = 2,
+        max_uploads: int = 4,
     ) -> None:
         if pacing not in ("burst", "realtime"):
             raise UsageError(f"pacing must be 'burst' or 'realtime', not {pacing!r}")
@@ -95,6 +196,10 @@ class LocalServer:
             raise UsageError(f"cancel must be 'error' or 'truncate', not {cancel!r}")
         if delta_ms <= 0:
             raise UsageError("delta_ms must be positive")
+        if min(max_connections, max_inspections, max_uploads) < 1:
+            raise UsageError("max_connections, max_inspections and max_uploads must be >= 1")
+        if min(header_timeout_s, body_timeout_s) <= 0:
+            raise UsageError("header_timeout_s and body_timeout_s must be positive")
         self.host = host
         self._port = port
         self._backend = backend
@@ -106,9 +211,15 @@ class LocalServer:
             cut_max_chars=cut_max_chars, cut_idle_s=cut_idle_s, cancel=cancel,
             session_timeout_s=session_timeout_s,
         )  # fmt: skip
-        self._enrollment = EnrollmentConfig(quota=quota, retention_s=retention_days * _DAY)
+        self._enrollment = EnrollmentConfig(
+            quota=quota, retention_s=retention_days * _DAY, body_timeout_s=body_timeout_s,
+            max_inspections=max_inspections, max_uploads=max_uploads,
+        )  # fmt: skip
         self._clock = clock
         self._backlog = backlog
+        self._max_connections = max_connections
+        self._header_timeout_s = header_timeout_s
+        self._listener: Listener | None = None
         self.faults = Faults()
         self._counters = Counters()
         self._extra_keys: list[str] = []
@@ -137,11 +248,10 @@ class LocalServer:
             if data_dir is None:
                 self._tmpdir = Path(tempfile.mkdtemp(prefix="tts-stream-server-"))
                 data_dir = self._tmpdir
-            else:
-                data_dir.mkdir(parents=True, exist_ok=True)
+            db = _prepare_store(data_dir)
             self.data_dir = data_dir
             self._store = VoiceStore(
-                data_dir / _DB_NAME,
+                db,
                 quota=self._enrollment.quota,
                 retention_s=self._enrollment.retention_s,
             )
@@ -159,16 +269,27 @@ class LocalServer:
             )
             for key in (self.api_key, *self._extra_keys):
                 self._app.add_key(key)
+            # aiohttp's keep-alive timer runs from the connection's start (and from each
+            # answer) until a complete request head: that is the header timeout. After an
+            # early answer, an unread body is drained for 2 s at most, then the socket closed.
             self._runner = web.AppRunner(
-                self._app.build(), access_log=None, shutdown_timeout=2.0, handle_signals=False
-            )
+                self._app.build(), access_log=None, shutdown_timeout=2.0, handle_signals=False,
+                keepalive_timeout=self._header_timeout_s, lingering_time=2.0, logger=_http_log,
+            )  # fmt: skip
             await self._runner.setup()
-            site = web.TCPSite(self._runner, self.host, self._port, backlog=self._backlog)
-            await site.start()
-            self._bound_port = int(self._runner.addresses[0][1])
+            assert self._runner.server is not None
+            self._listener = Listener(
+                self._runner.server, max_connections=connection_cap(self._max_connections),
+                backlog=self._backlog,
+            )  # fmt: skip
+            await self._listener.start(self.host, self._port)
+            self._bound_port = self._listener.port
         except BaseException:
             await self.aclose()
             raise
+        warning = public_bind_warning(self.host)
+        if warning is not None:
+            log.warning("%s", warning)
         log.info("local server listening on %s (backend %s)", self.base_url, self._backend)
         return self
 
@@ -177,6 +298,9 @@ class LocalServer:
         if self._closed:
             return
         self._closed = True
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -220,6 +344,13 @@ class LocalServer:
         self._extra_keys.append(api_key)
         if self._app is not None:
             self._app.add_key(api_key)
+
+    @property
+    def max_connections(self) -> int:
+        """Connections served at once (``max_connections`` within the open-files limit)."""
+        if self._listener is None:
+            raise UsageError("LocalServer is not started")
+        return self._listener.max_connections
 
     def stats(self) -> ServerStats:
         """A snapshot of the counters (connections, sessions, deltas, ...)."""
@@ -268,16 +399,13 @@ def run_serve(
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
     key_file: Path | None = None
     key = api_key or os.environ.get("DASHSCOPE_API_KEY")
-    if not key:
-        directory.mkdir(parents=True, exist_ok=True)
-        key_file = directory / "api_key"
-        if key_file.exists():
-            key = key_file.read_text().strip()
+    try:
         if not key:
-            key = "sk-local-" + secrets.token_hex(16)
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(key + "\n")
+            key_file = directory / "api_key"
+            key = _read_or_create_key(key_file)
+    except UsageError as exc:
+        print(f"tts-stream: error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI boundary
+        return 2
 
     def ready(srv: LocalServer) -> None:
         print(srv.base_url, flush=True)  # noqa: T201 - the CLI boundary
@@ -301,6 +429,9 @@ def run_serve(
         asyncio.run(main())
     except asyncio.CancelledError:
         pass
+    except UsageError as exc:  # e.g. a data directory that is not private
+        print(f"tts-stream: error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI boundary
+        return 2
     except OSError as exc:
         hint = " (another server has it: pick another --port, or --port 0 for any free one)"
         busy = exc.errno == errno.EADDRINUSE or "address already in use" in str(exc)
@@ -308,3 +439,20 @@ def run_serve(
         print(f"tts-stream: error: {msg}", file=sys.stderr)  # noqa: T201 - the CLI boundary
         return 1
     return 0
+
+
+def _read_or_create_key(key_file: Path) -> str:
+    """The key stored in ``key_file`` (checked: this user's, not writable by others, no
+    symlink), or a new one written there with mode 0600."""
+    private_data_dir(key_file.parent)
+    fd = open_private_file(key_file, os.O_RDONLY)
+    if fd is not None:
+        with os.fdopen(fd) as f:
+            key = f.read().strip()
+        if key:
+            return key
+        os.unlink(key_file)  # empty (an interrupted first start): make a new one
+    key = "sk-local-" + secrets.token_hex(16)
+    with os.fdopen(create_private_file(key_file), "w") as f:
+        f.write(key + "\n")
+    return key

@@ -6,21 +6,30 @@ Role: ``POST /api/v1/services/audio/tts/customization`` implemented as protocol.
 endpoint, and the composition of both routes into one :class:`aiohttp.web.Application`.
 
 Boundary: HTTP in, JSON out; clone samples are judged by :func:`tts_stream.samples.inspect_sample`
-(in a worker thread: decoding and VAD are CPU work), voices are kept by
+(in a bounded pool of ``max_inspections`` worker threads: decoding and VAD are CPU work, and a
+flood of uploads must not starve an honest one), voices are kept by
 :class:`~tts_stream.server.voices.VoiceStore`. The only outgoing request this module ever
 makes is the download of an ``http(s)`` sample URL, and only from a loopback address
-(127.0.0.0/8, ::1, ``localhost``), without redirects, proxies, or more than the 10 MB cap.
+(127.0.0.0/8, ::1, ``localhost``), only for a client that itself connects from a loopback
+address (so ``--host 0.0.0.0`` does not open the host's loopback ports to the network),
+without redirects, proxies, or more than the 10 MB cap.
 
 Choices where §4 is silent: a wrong ``model`` is 400 ``InvalidParameter`` "Model not exist.";
 an unknown action is 400 ``InvalidParameter``; a bad base64 payload is ``InvalidParameter``; a
 body over the size cap is 400 ``InvalidParameter``; ``text`` is accepted but not compared with
-the audio (there is no recogniser here); top-level ``parameters`` is ignored.
+the audio (there is no recogniser here); top-level ``parameters`` is ignored; a body that
+does not arrive within ``body_timeout_s`` is 408 ``RequestTimeout``; a body that cannot be
+decoded (a ``Content-Encoding`` that does not match it) is 400 ``BadRequest.IllegalInput``;
+bodies over ``large_body_bytes`` are read and inspected ``max_uploads`` at a time (a wait for a
+turn longer than ``body_timeout_s`` is 503 ``ServiceUnavailable``), which bounds the memory a
+flood of uploads can take.
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
+import concurrent.futures
 import hashlib
 import ipaddress
 import logging
@@ -35,6 +44,7 @@ import aiohttp
 import orjson
 import pybase64
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from ..messages import (
     ENROLLMENT_LANGUAGES,
@@ -45,6 +55,7 @@ from ..messages import (
 )
 from ..samples import ERROR_CODES, SampleReport, inspect_sample
 from .faults import Counters, Faults
+from .listener import RateLimitedLog
 from .realtime import RealtimeConfig, RealtimeService
 from .synth import Synthesizer
 from .voices import PREFERRED_NAME_RE, QuotaFull, VoiceStore, format_gmt, key_hash
@@ -67,18 +78,33 @@ class EnrollmentConfig:
     retention_s: float = 365 * 86400.0
     max_audio_bytes: int = 10 * 1024 * 1024  # §4.7: encoded data URI or downloaded file
     url_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this
+    max_inspections: int = 2  # sample decodings/analyses running at once (worker threads)
+    max_uploads: int = 4  # large bodies read, decoded and inspected at once
+    large_body_bytes: int = 1024 * 1024  # smaller bodies (list, delete, short samples) skip that
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Room for twice the 10 MB data-URI limit, so that a too-large sample still gets the
+        documented BadRequest.InputDownloadFailed; beyond that a plain 400 InvalidParameter."""
+        return 2 * self.max_audio_bytes + 1024 * 1024
 
 
 class _Fail(Exception):
     """An enrollment error answer: HTTP status, DashScope code, message."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, *, close: bool = False) -> None:
         super().__init__(code)
         self.status, self.code, self.message = status, code, message
+        self.close = close  # the rest of the body was not read: close the connection
 
 
-def _fail(status: int, code: str, message: str) -> NoReturn:
-    raise _Fail(status, code, message)
+class _Gone(Exception):
+    """The client disconnected before its request was read: nobody to answer."""
+
+
+def _fail(status: int, code: str, message: str, *, close: bool = False) -> NoReturn:
+    raise _Fail(status, code, message, close=close)
 
 
 def _bad_param(name: str, detail: str = "") -> NoReturn:
@@ -117,6 +143,11 @@ class ServerApp:
         self.clock = clock
         self.enrollment = enrollment
         self._key_hashes: set[str] = set()
+        self._inspector = concurrent.futures.ThreadPoolExecutor(
+            max_workers=enrollment.max_inspections, thread_name_prefix="tts-stream-inspect"
+        )
+        self._uploads = asyncio.Semaphore(enrollment.max_uploads)
+        self._gone_log = RateLimitedLog(log)
         self.realtime = RealtimeService(
             config=realtime,
             store=store,
@@ -143,16 +174,19 @@ class ServerApp:
 
     def build(self) -> web.Application:
         """The aiohttp application with both routes."""
-        # Room for twice the 10 MB data-URI limit, so that a too-large sample still gets the
-        # documented BadRequest.InputDownloadFailed; beyond that a plain 400 InvalidParameter.
-        app = web.Application(client_max_size=2 * self.enrollment.max_audio_bytes + 1024 * 1024)
+        app = web.Application(client_max_size=self.enrollment.max_body_bytes)
         app.router.add_post(ENROLLMENT_PATH, self.handle_enrollment)
         app.router.add_get(REALTIME_PATH, self.realtime.handle)
 
         async def on_shutdown(_: web.Application) -> None:
             await self.realtime.close_all()
 
+        async def on_cleanup(_: web.Application) -> None:
+            # Running inspections finish in their threads (bounded: 61 s of audio at most).
+            self._inspector.shutdown(wait=False, cancel_futures=True)
+
         app.on_shutdown.append(on_shutdown)
+        app.on_cleanup.append(on_cleanup)
         return app
 
     # --- enrollment -----------------------------------------------------------------------------
@@ -166,10 +200,19 @@ class ServerApp:
             body = await self._enroll(request)
         except _Fail as f:
             err = {"request_id": rid, "code": f.code, "message": f.message}
-            return web.Response(
+            resp = web.Response(
                 body=orjson.dumps(err), status=f.status, content_type="application/json",
                 headers=headers,
             )  # fmt: skip
+            if f.close:
+                resp.force_close()
+            return resp
+        except _Gone as exc:
+            self._gone_log.log(logging.INFO, "client %s left before its request was read: %s",
+                               request.remote, exc)  # fmt: skip
+            resp = web.Response(status=400)
+            resp.force_close()
+            return resp
         body["request_id"] = rid
         return web.Response(
             body=orjson.dumps(body), content_type="application/json", headers=headers
@@ -182,14 +225,54 @@ class ServerApp:
         forced = self.faults.take_enrollment()
         if forced is not None:
             _fail(*forced)
+        length = request.content_length
+        if length is not None and length <= self.enrollment.large_body_bytes:
+            return await self._answer(owner, request)
+        # A large (or chunked) body: wait for a turn, so that memory stays bounded.
         try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            _fail(400, "InvalidParameter",
-                  f"Request body too large: the audio must be under "
-                  f"{self.enrollment.max_audio_bytes} bytes.")  # fmt: skip
+            async with asyncio.timeout(self.enrollment.body_timeout_s):
+                await self._uploads.acquire()
+        except TimeoutError:
+            _fail(503, "ServiceUnavailable",
+                  f"The server is busy with {self.enrollment.max_uploads} other uploads; "
+                  "retry later.", close=True)  # fmt: skip
         try:
-            body = orjson.loads(raw)
+            return await self._answer(owner, request)
+        finally:
+            self._uploads.release()
+
+    async def _read_body(self, request: web.Request) -> bytearray:
+        """The request body, within the size cap and ``body_timeout_s``, decoded (gzip...)."""
+        limit, timeout = self.enrollment.max_body_bytes, self.enrollment.body_timeout_s
+        too_large = (f"Request body too large: the audio must be under "
+                     f"{self.enrollment.max_audio_bytes} bytes.")  # fmt: skip
+        if (request.content_length or 0) > limit:
+            _fail(400, "InvalidParameter", too_large, close=True)
+        raw = bytearray()
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in request.content.iter_any():
+                    raw += chunk
+                    if len(raw) > limit:
+                        _fail(400, "InvalidParameter", too_large, close=True)
+        except TimeoutError:
+            _fail(408, "RequestTimeout",
+                  f"The request body did not arrive within {timeout:g} s "
+                  f"({len(raw)} bytes received).", close=True)  # fmt: skip
+        except RequestPayloadError as exc:
+            if request.transport is None or request.transport.is_closing():
+                raise _Gone(str(exc)) from exc
+            encoding = request.headers.get("Content-Encoding", "")
+            _fail(400, "BadRequest.IllegalInput",
+                  "The input parameter requires json format: the body could not be decoded "
+                  f"(Content-Encoding {encoding!r}: {exc}).", close=True)  # fmt: skip
+        except ConnectionError as exc:
+            raise _Gone(f"{type(exc).__name__}: {exc}") from exc
+        return raw
+
+    async def _answer(self, owner: str, request: web.Request) -> dict[str, Any]:
+        try:
+            body = orjson.loads(await self._read_body(request))
         except orjson.JSONDecodeError:
             _fail(400, "BadRequest.IllegalInput", "The input parameter requires json format.")
         if not isinstance(body, dict):
@@ -207,14 +290,16 @@ class ServerApp:
         self.store.purge(now=self.clock())
         action = inp.get("action")
         if action == "create":
-            return await self._create(owner, inp)
+            return await self._create(owner, inp, request.remote)
         if action == "list":
             return self._list(owner, inp)
         if action == "delete":
             return self._delete(owner, inp)
         _bad_param("action", f"Unsupported action {action!r}; use 'create', 'list' or 'delete'.")
 
-    async def _create(self, owner: str, inp: Mapping[str, Any]) -> dict[str, Any]:
+    async def _create(
+        self, owner: str, inp: Mapping[str, Any], client: str | None
+    ) -> dict[str, Any]:
         target_model = inp.get("target_model")
         if target_model not in VC_MODELS:
             _bad_param("target_model", f"Supported: {', '.join(VC_MODELS)}.")
@@ -233,8 +318,9 @@ class ServerApp:
             _bad_param("language", f"Supported: {', '.join(ENROLLMENT_LANGUAGES)}.")
         if self.store.count(owner) >= self.store.quota:  # cheap early answer; exact check below
             _quota_full()
-        sample = await self._load_audio(data)
-        report = await asyncio.to_thread(inspect_sample, sample)
+        sample = await self._load_audio(data, client)
+        loop = asyncio.get_running_loop()
+        report = await loop.run_in_executor(self._inspector, inspect_sample, sample)
         if not report.ok:
             code, message = _problem_answer(report)
             _fail(400, code, message)
@@ -258,7 +344,10 @@ class ServerApp:
             "usage": {"count": 1},
         }  # fmt: skip
 
-    async def _load_audio(self, data: str) -> bytes:
+    async def _load_audio(self, data: str, client: str | None) -> bytes:
+        """The sample's bytes from a data URI, or downloaded from a loopback URL, but only for
+        a client on this machine: a server bound to a public address must not let remote
+        clients probe the host's loopback ports (issue 9.9)."""
         limit = self.enrollment.max_audio_bytes
         m = _DATA_URI.match(data)
         if m is not None:
@@ -279,6 +368,11 @@ class ServerApp:
         parts = urlsplit(data)
         if parts.scheme not in ("http", "https"):
             _bad_param("audio.data", "Expected a data URI or an http(s) URL.")
+        if not is_loopback_host(client):
+            _fail(400, "BadRequest.InputDownloadFailed",
+                  "Failed to download the input file: the local server fetches sample URLs "
+                  f"only for clients on this machine, and {client!r} is not; send the audio "
+                  "as a data URI instead.")  # fmt: skip
         if not is_loopback_host(parts.hostname):
             _fail(400, "BadRequest.InputDownloadFailed",
                   "Failed to download the input file: the local server only fetches URLs on "
