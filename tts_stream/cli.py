@@ -208,15 +208,7 @@ def _check(path: Path, strict: bool = False) -> int:
 def _devices(backend: str) -> int:
     from sinks.soundcard import list_output_devices
 
-    devices = list_output_devices(backend=backend)
-    if not devices:
-        print("no output devices found: PortAudio sees no sound card (check ALSA/PulseAudio)")
-        return 1
-    for d in devices:
-        mark = "*" if d.is_default else " "
-        print(f"{mark}{d.index:3d}  {d.name}  ({d.max_output_channels} ch, "
-              f"{d.default_samplerate:g} Hz)")  # fmt: skip
-    return 0
+    return _print_devices(list_output_devices(backend=backend), "output")
 
 
 @dataclass(frozen=True)
@@ -365,13 +357,18 @@ def _add_record_parsers(sub: Any, target: argparse.ArgumentParser) -> None:
 def _input_devices(backend: str) -> int:
     from .record import list_input_devices
 
-    devices = list_input_devices(backend=backend)
+    return _print_devices(list_input_devices(backend=backend), "input")
+
+
+def _print_devices(devices: list[Any], kind: str) -> int:
     if not devices:
-        print("no input devices found: PortAudio sees no microphone (check ALSA/PulseAudio)")
+        what = "sound card" if kind == "output" else "microphone"
+        print(f"no {kind} devices found: PortAudio sees no {what} (check ALSA/PulseAudio)")
         return 1
     for d in devices:
         mark = "*" if d.is_default else " "
-        print(f"{mark}{d.index:3d}  {d.name}  ({d.max_input_channels} ch in, "
+        channels = d.max_output_channels if kind == "output" else d.max_input_channels
+        print(f"{mark}{d.index:3d}  {d.name}  ({channels} ch{' in' if kind == 'input' else ''}, "
               f"{d.default_samplerate:g} Hz)")  # fmt: skip
     return 0
 
