@@ -3,7 +3,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 APT_PKGS := libportaudio2 portaudio19-dev pulseaudio pulseaudio-utils alsa-utils \
-            libasound2-plugins ffmpeg sip-tester baresip
+            libasound2-plugins ffmpeg sip-tester baresip tmux
 PYTEST_ARGS ?=
 
 .PHONY: demo test setup system lint bench clean

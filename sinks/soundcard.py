@@ -12,12 +12,14 @@ write prefills again).
 
 When the device cannot open the stream's rate, it is opened at its default rate and the audio
 is resampled with one stateful ``soxr.ResampleStream`` (no per-chunk pops; float32, so the
-output is deterministic and independent of the chunking). Both backends
-share the ring and all the logic; they are thin adapters around PortAudio's callback API.
-``sounddevice``/``pyaudio`` are imported lazily: a missing package or a missing PortAudio
-library raises :class:`~tts_stream.errors.MissingDependency` naming what to install.
+output is deterministic and independent of the chunking). Both backends share the ring and
+all the logic; they are thin adapters around PortAudio's callback API. The ring, the device
+listing and the backend import live in :mod:`tts_stream.portaudio`, shared with the
+recorder. ``sounddevice``/``pyaudio`` are imported lazily: a missing package or a missing
+PortAudio library raises :class:`~tts_stream.errors.MissingDependency` naming what to install.
 
-Boundary: imports ``tts_stream.audio``, ``tts_stream.errors`` and the shared sink base only.
+Boundary: imports ``tts_stream.audio``, ``tts_stream.errors``, ``tts_stream.portaudio`` and the
+shared sink base only.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -34,12 +35,16 @@ import numpy.typing as npt
 import soxr
 
 from tts_stream.audio import PCM16, AudioFormat, SinkStats
-from tts_stream.errors import (
-    DeviceError,
-    MissingDependency,
-    Timeout,
-    TtsStreamError,
-    UsageError,
+from tts_stream.errors import DeviceError, Timeout, TtsStreamError, UsageError
+from tts_stream.portaudio import (
+    BACKENDS,
+    DeviceInfo,
+    Ring,
+    import_backend,
+    list_devices,
+    negotiate_rate,
+    probe_rate,
+    select_device,
 )
 
 from ._base import BaseSink
@@ -57,195 +62,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Backend = Literal["sounddevice", "pyaudio"]
-BACKENDS: tuple[str, ...] = ("sounddevice", "pyaudio")
-
-_INSTALL = {
-    "sounddevice": "pip install 'tts-stream[sounddevice]'",
-    "pyaudio": "pip install 'tts-stream[pyaudio]' (building it needs apt-get install "
-    "portaudio19-dev)",
-}
-_PORTAUDIO_LIB = "apt-get install libportaudio2"
 
 # The callback signals the end of the stream with this return value (True = complete).
 FillFn = Callable[[npt.NDArray[np.int16], int, float, bool], bool]
 
 
-@dataclass(frozen=True)
-class DeviceInfo:
-    """One PortAudio output device, as listed by :func:`list_output_devices`."""
-
-    index: int
-    name: str
-    max_output_channels: int
-    default_samplerate: float
-    is_default: bool
-
-
-# -- lazy imports -------------------------------------------------------------------------
-
-
-def _import_backend(backend: str) -> Any:
-    """Import the backend module, translating what is missing into one install line."""
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown sound-card backend {backend!r}; choose one of {BACKENDS}")
-    try:
-        if backend == "sounddevice":
-            import sounddevice as module
-        else:
-            import pyaudio as module
-    except ModuleNotFoundError as exc:
-        raise MissingDependency(f"{backend} is not installed: {_INSTALL[backend]}") from exc
-    except (ImportError, OSError) as exc:
-        # sounddevice raises OSError("PortAudio library not found"); PyAudio's extension
-        # module fails to load with ImportError when libportaudio.so.2 is absent.
-        raise MissingDependency(
-            f"{backend} cannot load the PortAudio library ({exc}): {_PORTAUDIO_LIB}"
-        ) from exc
-    return module
-
-
-# -- device listing and selection ---------------------------------------------------------
-
-
 def list_output_devices(*, backend: Backend | str = "sounddevice") -> list[DeviceInfo]:
     """Every PortAudio device with at least one output channel (for ``tts-stream devices``)."""
-    module = _import_backend(backend)
-    if backend == "sounddevice":
-        return _sd_devices(module)
-    pa = module.PyAudio()
-    try:
-        return _pa_devices(pa)
-    finally:
-        pa.terminate()
-
-
-def _sd_devices(sd: Any) -> list[DeviceInfo]:
-    try:
-        default = int(sd.query_devices(kind="output")["index"])
-    except sd.PortAudioError:
-        default = -1  # no default output device
-    return [
-        DeviceInfo(
-            index=int(d["index"]),
-            name=str(d["name"]),
-            max_output_channels=int(d["max_output_channels"]),
-            default_samplerate=float(d["default_samplerate"]),
-            is_default=int(d["index"]) == default,
-        )
-        for d in sd.query_devices()
-        if int(d["max_output_channels"]) > 0
-    ]
-
-
-def _pa_devices(pa: Any) -> list[DeviceInfo]:
-    try:
-        default = int(pa.get_default_output_device_info()["index"])
-    except OSError:
-        default = -1
-    devices = []
-    for i in range(pa.get_device_count()):
-        d = pa.get_device_info_by_index(i)
-        if int(d["maxOutputChannels"]) > 0:
-            devices.append(
-                DeviceInfo(
-                    index=int(d["index"]),
-                    name=str(d["name"]),
-                    max_output_channels=int(d["maxOutputChannels"]),
-                    default_samplerate=float(d["defaultSampleRate"]),
-                    is_default=int(d["index"]) == default,
-                )
-            )
-    return devices
-
-
-def _describe(devices: list[DeviceInfo]) -> str:
-    if not devices:
-        return "no output devices (is an ALSA/PulseAudio device configured?)"
-    return ", ".join(
-        f"{d.index} {d.name!r}" + (" (default)" if d.is_default else "") for d in devices
-    )
-
-
-def select_device(devices: list[DeviceInfo], device: int | str | None) -> DeviceInfo:
-    """Pick ``device`` (index, exact name, or unique case-insensitive substring) or the default."""
-    if device is None:
-        for d in devices:
-            if d.is_default:
-                return d
-        raise UsageError(f"there is no default output device; available: {_describe(devices)}")
-    if isinstance(device, int):
-        for d in devices:
-            if d.index == device:
-                return d
-        raise UsageError(f"no output device with index {device}; available: {_describe(devices)}")
-    wanted = device.casefold()
-    exact = [d for d in devices if d.name.casefold() == wanted]
-    if exact:
-        return exact[0]
-    matches = [d for d in devices if wanted in d.name.casefold()]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        raise UsageError(
-            f"output device name {device!r} is ambiguous: {_describe(matches)}; "
-            "give an index or a longer name"
-        )
-    raise UsageError(f"no output device matches {device!r}; available: {_describe(devices)}")
-
-
-# -- the ring buffer ----------------------------------------------------------------------
-
-
-class _Ring:
-    """Single-producer/single-consumer ring of int16 frames, preallocated.
-
-    ``head`` (frames ever written) is only advanced by the producer (the event loop), ``tail``
-    (frames ever consumed) only by the consumer (the audio callback), except while the stream
-    is stopped, when no callback runs. Why no lock is needed in CPython: each side writes the
-    audio first and publishes its index afterwards with one attribute store; the GIL makes
-    that store atomic and orders it after the copy (taking and releasing the GIL is a full
-    memory barrier), so the other side sees either the old index (and leaves those frames
-    alone) or the new one (and the frames are complete). A stale index is always
-    conservative: the producer sees less free space, the consumer fewer frames.
-    """
-
-    __slots__ = ("capacity", "data", "head", "tail")
-
-    def __init__(self, frames: int, channels: int) -> None:
-        self.capacity = frames
-        self.data = np.zeros((frames, channels), dtype=np.int16)
-        self.head = 0
-        self.tail = 0
-
-    @property
-    def level(self) -> int:
-        return self.head - self.tail
-
-    @property
-    def free(self) -> int:
-        return self.capacity - (self.head - self.tail)
-
-    def put(self, src: npt.NDArray[np.int16]) -> int:
-        """Producer: copy as many frames of ``src`` as fit; return how many."""
-        head = self.head
-        n = min(self.capacity - (head - self.tail), int(src.shape[0]))
-        if n <= 0:
-            return 0
-        start = head % self.capacity
-        first = min(n, self.capacity - start)
-        self.data[start : start + first] = src[:first]
-        if n > first:
-            self.data[: n - first] = src[first:n]
-        self.head = head + n  # publish after the copy
-        return n
-
-    def copy_out(self, out: npt.NDArray[np.int16], tail: int, n: int) -> None:
-        """Consumer: copy ``n`` frames starting at ``tail`` into ``out[:n]`` (no allocation)."""
-        start = tail % self.capacity
-        first = min(n, self.capacity - start)
-        out[:first] = self.data[start : start + first]
-        if n > first:
-            out[first:n] = self.data[: n - first]
+    return list_devices(import_backend(backend), backend, "output")
 
 
 # -- backend adapters ---------------------------------------------------------------------
@@ -368,45 +192,6 @@ class _PyAudioStream:
             self._pa.terminate()
 
 
-def _probe_rate(
-    module: Any, backend: str, device: DeviceInfo, rate: int, channels: int
-) -> bool:
-    """Whether the device can open an int16 stream at ``rate`` (PortAudio's format check)."""
-    if backend == "sounddevice":
-        try:
-            module.check_output_settings(
-                device=device.index, channels=channels, dtype="int16", samplerate=rate
-            )
-        except module.PortAudioError:
-            return False
-        return True
-    pa = module.PyAudio()
-    try:
-        return bool(
-            pa.is_format_supported(
-                rate,
-                output_device=device.index,
-                output_channels=channels,
-                output_format=module.paInt16,
-            )
-        )
-    except ValueError:  # PyAudio raises ValueError("Invalid sample rate") instead of False
-        return False
-    finally:
-        pa.terminate()
-
-
-def negotiate_rate(
-    stream_rate: int, *, supported: Callable[[int], bool], default_rate: float, forced: int | None
-) -> int:
-    """The rate to open the device at: ``forced``, else the stream's, else the device default."""
-    if forced is not None:
-        return int(forced)
-    if supported(stream_rate):
-        return stream_rate
-    return int(round(default_rate))
-
-
 def float_to_pcm16(x: npt.NDArray[np.float32]) -> PCM16:
     """Float samples in [-1, 1) to int16: scaled by 32768, rounded to nearest, clipped."""
     y: npt.NDArray[np.float32] = np.rint(x * np.float32(32768))
@@ -483,7 +268,7 @@ class SoundCardSink(BaseSink):
         self.device_rate: int | None = None
         self._stream: _Stream | None = None
         self._resampler: Any = None
-        self._ring = _Ring(1, 1)
+        self._ring = Ring(1, 1)
         self._prefill = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._space_evt = asyncio.Event()
@@ -492,7 +277,7 @@ class SoundCardSink(BaseSink):
         self._running = False
         self._epoch = 0
         self._interrupting = False
-        # Shared with the audio callback (see _Ring for why plain attributes suffice). Each
+        # Shared with the audio callback (see Ring for why plain attributes suffice). Each
         # is written by one side only, except where noted.
         self._draining = False  # loop writes; callback reads
         self._fade_requested = False  # loop sets; callback clears when the fade is done
@@ -517,7 +302,7 @@ class SoundCardSink(BaseSink):
     # -- lifecycle hooks (BaseSink) -------------------------------------------------------
 
     async def _open(self, fmt: AudioFormat) -> None:
-        module = _import_backend(self.backend)
+        module = import_backend(self.backend)
         loop = asyncio.get_running_loop()
         self._loop = loop
         info, rate = await self._call(
@@ -540,7 +325,7 @@ class SoundCardSink(BaseSink):
                      self.name, info.name, rate, fmt.sample_rate)
         blocksize = rate // 50 if self.blocksize is None else self.blocksize
         capacity = max(int(rate * self.ring_ms / 1000), 2 * max(blocksize, 1))
-        self._ring = _Ring(capacity, ch)
+        self._ring = Ring(capacity, ch)
         # Never wait for more than the ring can hold minus one block, or the stream would
         # never start.
         self._prefill = min(int(rate * self.prefill_ms / 1000), capacity - max(blocksize, 1))
@@ -561,15 +346,7 @@ class SoundCardSink(BaseSink):
                   self.name, info.name, rate, capacity, self._prefill, blocksize)
 
     def _choose_device(self, module: Any, fmt: AudioFormat) -> tuple[DeviceInfo, int]:
-        if self.backend == "sounddevice":
-            devices = _sd_devices(module)
-        else:
-            pa = module.PyAudio()
-            try:
-                devices = _pa_devices(pa)
-            finally:
-                pa.terminate()
-        info = select_device(devices, self.device)
+        info = select_device(list_devices(module, self.backend, "output"), self.device)
         if info.max_output_channels < fmt.channels:
             raise UsageError(
                 f"device {info.name!r} has {info.max_output_channels} output channel(s), "
@@ -577,7 +354,7 @@ class SoundCardSink(BaseSink):
             )
         rate = negotiate_rate(
             fmt.sample_rate,
-            supported=lambda r: _probe_rate(module, self.backend, info, r, fmt.channels),
+            supported=lambda r: probe_rate(module, self.backend, info, r, fmt.channels, "output"),
             default_rate=info.default_samplerate,
             forced=self._forced_rate,
         )

@@ -212,6 +212,17 @@ class PulseServer:
                 return int(line.split()[1]) / 1e6
         return float("inf")
 
+    def source_env(self) -> dict[str, str]:
+        """Environment for a PortAudio *recorder*: ALSA ``default`` captures the sink's monitor,
+        so whatever :meth:`play` plays is what the microphone hears."""
+        return {**self.client_env(), "PULSE_SOURCE": f"{self.sink}.monitor"}
+
+    def play(self, path: Path, *, timeout: float = 60.0) -> None:
+        """Play a WAV file into the null sink with ``paplay`` (real time; returns when done)."""
+        env = {**os.environ, **self.base_env()}
+        subprocess.run(["paplay", "-d", self.sink, str(path)], env=env, timeout=timeout,
+                       check=True)  # fmt: skip
+
     def alive(self) -> bool:
         return self.proc.poll() is None and self.pactl("info", timeout=3.0).returncode == 0
 

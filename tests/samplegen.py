@@ -316,3 +316,111 @@ BAD_SAMPLES: dict[str, tuple[Callable[[], bytes], frozenset[str]]] = {
     "garbage": (garbage_bytes, frozenset({"format"})),
 }
 """Bad case name → (builder, the exact set of rules ``inspect_sample`` must report)."""
+
+
+# --------------------------------------------------------------------------- recording quality
+#
+# Samples that pass the hard rules but were recorded badly, each in one way the recording
+# guide warns about (tests/test_quality.py), and the clean reference they derive from. All
+# are 12 s, 24 kHz mono int16 arrays; ``wav_bytes(x, 24000)`` makes a file of one.
+
+
+def _to_pcm16(x: npt.NDArray[np.float64]) -> PCM16:
+    return np.clip(np.round(x), -32768, 32767).astype(np.int16)
+
+
+def _active_power(pcm: PCM16, rate: int = _SAMPLE_RATE) -> float:
+    """Mean power of the 30 ms frames within 30 dB of the loudest (the speech, not the gaps)."""
+    n = int(0.03 * rate)
+    x = pcm[: pcm.size // n * n].astype(np.float64).reshape(-1, n)
+    p = np.mean(x**2, axis=1)
+    return float(np.mean(p[p >= p.max() * 1e-3]))
+
+
+def noisy_speech(snr_db: float, *, seconds: float = 12.0, seed: int = 11) -> PCM16:
+    """Speech plus steady fan-like noise (white noise low-passed at ~2 kHz) at ``snr_db``.
+
+    The SNR is the speech frames' power over the noise power, as ``measure_quality`` defines it.
+    """
+    clean = _speech(float(seconds), _SAMPLE_RATE, "en-us", None, 0.4)
+    rng = np.random.default_rng(seed)
+    white = rng.normal(0.0, 1.0, clean.size + 64)
+    noise = np.convolve(white, np.hanning(12), mode="same")[: clean.size]
+    noise *= np.sqrt(_active_power(clean) / 10 ** (snr_db / 10) / np.mean(noise**2))
+    return _to_pcm16(clean.astype(np.float64) + noise)
+
+
+def clipped_speech(gain: float = 4.0) -> PCM16:
+    """Speech amplified ``gain`` times into the int16 limits (a too-hot input gain)."""
+    clean = _speech(12.0, _SAMPLE_RATE, "en-us", None, 0.4)
+    return _to_pcm16(clean.astype(np.float64) * gain)
+
+
+def scaled_speech(gain_db: float, *, offset: float = 0.0) -> PCM16:
+    """Speech at ``gain_db`` (0: as synthesized, peaks near -1 dBFS) plus a DC ``offset``.
+
+    ``offset`` is a share of full scale (0.03: +3 %).
+    """
+    clean = _speech(12.0, _SAMPLE_RATE, "en-us", None, 0.4).astype(np.float64)
+    return _to_pcm16(clean * 10 ** (gain_db / 20) + offset * 32768)
+
+
+def paused_speech(pause_s: float = 3.0) -> PCM16:
+    """Sentences ``pause_s`` apart (3.0 breaks the 2 s pause rule)."""
+    return _speech(16.0, _SAMPLE_RATE, "en-us", None, float(pause_s)).copy()
+
+
+def room_impulse_response(t60_s: float, *, rate: int = _SAMPLE_RATE, seed: int = 5) -> npt.NDArray[
+    np.float64
+]:
+    """A synthetic room: a direct path, then exponentially decaying noise reaching -60 dB at
+    ``t60_s`` (Schroeder's statistical model), the reverberant energy 3 dB under the direct."""
+    n = int(t60_s * rate)
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / rate
+    tail = rng.normal(0.0, 1.0, n) * 10 ** (-3.0 * t / t60_s)  # -60 dB at t60
+    tail[: int(0.002 * rate)] = 0.0  # first reflections after 2 ms
+    tail *= np.sqrt(0.5 / np.sum(tail**2))
+    tail[0] = 1.0
+    return tail
+
+
+def reverberant_speech(t60_s: float) -> PCM16:
+    """Speech convolved with :func:`room_impulse_response`, peak back at the clean peak."""
+    clean = _speech(12.0, _SAMPLE_RATE, "en-us", None, 0.4).astype(np.float64)
+    wet = np.convolve(clean, room_impulse_response(t60_s))[: clean.size]
+    wet *= np.max(np.abs(clean)) / np.max(np.abs(wet))
+    return _dither(_to_pcm16(wet), seed=int(t60_s * 1000))
+
+
+def music_like(seconds: float = 12.0, *, seed: int = 2) -> PCM16:
+    """A melody of held harmonic notes (eight harmonics, 5 Hz vibrato of +-0.3 semitone,
+    0.3-0.6 s each, 60 ms breaths between some), like a sung or played line."""
+    rng = np.random.default_rng(seed)
+    rate = _SAMPLE_RATE
+    scale = [0, 2, 4, 5, 7, 9, 11, 12]
+    parts: list[npt.NDArray[np.float64]] = [np.zeros(int(_LEAD_S * rate))]
+    total = int(seconds * rate)
+    while sum(p.size for p in parts) < total:
+        f0 = 196.0 * 2 ** (scale[int(rng.integers(len(scale)))] / 12)
+        dur = float(rng.uniform(0.3, 0.6))
+        t = np.arange(int(dur * rate)) / rate
+        f = f0 * 2 ** (0.3 * np.sin(2 * np.pi * 5 * t) / 12)
+        phase = 2 * np.pi * np.cumsum(f) / rate
+        note = sum(np.sin(k * phase) / k for k in range(1, 9))
+        env = np.minimum(1.0, np.minimum(t / 0.03, (dur - t) / 0.05))
+        parts.append(note * env)
+        if rng.random() < 0.3:
+            parts.append(np.zeros(int(0.06 * rate)))
+    x = np.concatenate(parts)[:total]
+    return _dither(_to_pcm16(x / np.max(np.abs(x)) * 20000), seed=seed)
+
+
+def two_speakers() -> PCM16:
+    """Two voices taking turns sentence by sentence: espeak's male voice and a high female."""
+    rate = _SAMPLE_RATE
+    parts: list[PCM16] = [_silence(_LEAD_S, rate)]
+    for i, text in enumerate(SENTENCES[:4]):
+        voice, pitch = ("en-us", 30) if i % 2 == 0 else ("en-us+f2", 90)
+        parts += [_utterance(text, rate, voice, pitch), _silence(0.4, rate)]
+    return _dither(np.concatenate(parts)[: 12 * rate], seed=4)

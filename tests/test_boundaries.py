@@ -1,8 +1,9 @@
 """The dependency rules of the architecture (README "Architecture"), checked on the source.
 
 The engine never imports ``sinks`` or ``integrations`` (the framework adapters, which use
-the engine and the sinks like an application); ``sinks`` import only ``tts_stream.audio`` and
-``tts_stream.errors``; the server never imports the client; the pure core imports no
+the engine and the sinks like an application); ``sinks`` import only ``tts_stream.audio``,
+``tts_stream.errors`` and ``tts_stream.portaudio`` (the ring and devices shared with the
+recorder); the server never imports the client; the pure core imports no
 asyncio, sockets or clock.
 """
 
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ("messages", "protocol", "audio", "ledger", "resume", "telephony/sip", "telephony/sdp",
-        "telephony/ua", "telephony/dtmf")  # fmt: skip
+PURE = ("messages", "protocol", "audio", "ledger", "resume", "meter", "telephony/sip",
+        "telephony/sdp", "telephony/ua", "telephony/dtmf")  # fmt: skip
 CLIENT = ("protocol", "connection", "pool", "speech", "fanout", "engine", "enrollment", "config",
           "metrics", "channel")  # fmt: skip
 
@@ -61,8 +62,8 @@ def test_the_engine_never_imports_the_integrations(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", modules("sinks"), ids=lambda p: p.name)
-def test_sinks_import_only_audio_and_errors(path: Path) -> None:
-    allowed = {"tts_stream.audio", "tts_stream.errors"}
+def test_sinks_import_only_audio_errors_and_portaudio(path: Path) -> None:
+    allowed = {"tts_stream.audio", "tts_stream.errors", "tts_stream.portaudio"}
     ours = {m for m in imports(path) if m.startswith("tts_stream")}
     assert all(m in allowed or m.rsplit(".", 1)[0] in allowed for m in ours), ours
 

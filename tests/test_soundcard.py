@@ -121,9 +121,9 @@ def test_options_are_checked_before_any_io() -> None:
 
 
 def test_ring_wraps_around() -> None:
-    from sinks.soundcard import _Ring
+    from tts_stream.portaudio import Ring
 
-    ring = _Ring(8, 1)
+    ring = Ring(8, 1)
     out = np.zeros((8, 1), np.int16)
     assert ring.put(np.arange(1, 7, dtype=np.int16).reshape(-1, 1)) == 6
     ring.copy_out(out, ring.tail, 5)

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="check a clone sample locally (no network)")
     c.add_argument("sample", type=Path)
+    c.add_argument("--strict", action="store_true", help="fail on quality warnings too")
 
     v = sub.add_parser("voices", help="create, list or delete cloned voices")
     vsub = v.add_subparsers(dest="voices_command", required=True, metavar="ACTION")
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("--model", default=VC_MODELS[0], choices=VC_MODELS, help="target model")
     vc.add_argument("--text", help="transcript of the sample")
     vc.add_argument("--language", help="language of the sample (zh, en, ...)")
+    vc.add_argument("--strict", action="store_true", help="refuse on quality warnings too")
     vl = vsub.add_parser("list", parents=[target], help="list every voice")
     vl.add_argument("--page-size", type=int, default=100)
     vd = vsub.add_parser("delete", parents=[target], help="delete voices")
@@ -111,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_ivr_parser(sub, target)
 
-    dv = sub.add_parser("devices", help="list sound-card output devices")
+    dv = sub.add_parser("devices", help="list sound-card output (or --input) devices")
     dv.add_argument("--backend", choices=["sounddevice", "pyaudio"], default="sounddevice")
+    dv.add_argument("--input", action="store_true", help="list input devices (microphones)")
+    _add_record_parsers(sub, target)
     return p
 
 
@@ -160,9 +164,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
         )  # fmt: skip
     if args.command == "check":
-        return _check(args.sample)
+        return _check(args.sample, args.strict)
     if args.command == "devices":
-        return _devices(args.backend)
+        return _input_devices(args.backend) if args.input else _devices(args.backend)
+    if args.command in ("record", "enroll"):
+        return _record_command(args)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -189,7 +195,7 @@ def _measured(value: float | None, spec: str, unit: str = "", label: str = "") -
     return None if value is None else f"{label}{value:{spec}}{unit}"
 
 
-def _check(path: Path) -> int:
+def _check(path: Path, strict: bool = False) -> int:
     from .samples import inspect_sample
 
     report = inspect_sample(path)
@@ -203,26 +209,19 @@ def _check(path: Path) -> int:
     ]
     known = ", ".join(x for x in parts if x is not None)
     print(f"{path}: {report.container or 'no recognised audio'}" + (f" {known}" if known else ""))
+    print(_quality_line(report))
     for w in report.warnings:
         print(f"  warning: {w.message}")
     for pr in report.problems:
         print(f"  problem: {pr.message}")
     print("OK: ready to clone" if report.ok else "REJECTED: fix the problems above")
-    return 0 if report.ok else 1
+    return _verdict(report, strict)
 
 
 def _devices(backend: str) -> int:
     from sinks.soundcard import list_output_devices
 
-    devices = list_output_devices(backend=backend)
-    if not devices:
-        print("no output devices found: PortAudio sees no sound card (check ALSA/PulseAudio)")
-        return 1
-    for d in devices:
-        mark = "*" if d.is_default else " "
-        print(f"{mark}{d.index:3d}  {d.name}  ({d.max_output_channels} ch, "
-              f"{d.default_samplerate:g} Hz)")  # fmt: skip
-    return 0
+    return _print_devices(list_output_devices(backend=backend), "output")
 
 
 @dataclass(frozen=True)
@@ -310,6 +309,7 @@ async def _engine(args: argparse.Namespace) -> AsyncIterator[Engine]:
 async def _voices(args: argparse.Namespace) -> int:
     async with _engine(args) as engine:
         if args.voices_command == "create":
+            _precheck(args.sample, args.strict)
             voice = await engine.voices.create(
                 args.sample, preferred_name=args.name, target_model=args.model,
                 text=args.text, language=args.language,
@@ -447,6 +447,227 @@ async def _ivr(args: argparse.Namespace) -> int:
                 await agent.serve_forever()
             else:
                 await asyncio.sleep(args.max_seconds)
+    return 0
+
+
+# -- record, enroll, input devices -------------------------------------------------------------
+
+
+def _add_record_parsers(sub: Any, target: argparse.ArgumentParser) -> None:
+    mic = argparse.ArgumentParser(add_help=False)
+    mic.add_argument("--device", help="input device index or name (see `devices --input`)")
+    mic.add_argument("--seconds", type=float, default=None,
+                     help="stop after this many seconds (default and maximum: 20)")  # fmt: skip
+    mic.add_argument("--rate", type=int, default=24000, help="sample rate (>= 24000)")
+    mic.add_argument("--audio-backend", choices=["sounddevice", "pyaudio"], default="sounddevice")
+    mic.add_argument("--lead-in", type=float, default=1.0,
+                     help="seconds of silence first, to measure the noise floor")  # fmt: skip
+    mic.add_argument("--script", type=Path, help="text file to read aloud instead of ours")
+    mic.add_argument("--strict", action="store_true", help="fail on quality warnings too")
+    r = sub.add_parser("record", parents=[mic], help="record a clone sample from a microphone")
+    r.add_argument("out", type=Path, help="WAV file to write")
+    r.add_argument("--language", default="en", help="language of the script to read (en, zh, "
+                   "de, it, pt, es, ja, ko, fr, ru)")  # fmt: skip
+    e = sub.add_parser("enroll", parents=[mic, target],
+                       help="record (or take) a sample, check it and clone the voice")  # fmt: skip
+    e.add_argument("sample", nargs="?", type=Path, help="an existing sample (default: record one)")
+    e.add_argument("--name", required=True, help="preferred_name: [A-Za-z0-9_]{1,16}")
+    e.add_argument("--out", type=Path, default=None, help="where to record (default NAME.wav)")
+    e.add_argument("--model", default=VC_MODELS[0], choices=VC_MODELS, help="target model")
+    e.add_argument("--text", help="transcript of the sample")
+    e.add_argument("--language", default="en", help="language of the script and the sample")
+
+
+def _input_devices(backend: str) -> int:
+    from .record import list_input_devices
+
+    return _print_devices(list_input_devices(backend=backend), "input")
+
+
+def _print_devices(devices: list[Any], kind: str) -> int:
+    if not devices:
+        what = "sound card" if kind == "output" else "microphone"
+        print(f"no {kind} devices found: PortAudio sees no {what} (check ALSA/PulseAudio)")
+        return 1
+    for d in devices:
+        mark = "*" if d.is_default else " "
+        channels = d.max_output_channels if kind == "output" else d.max_input_channels
+        print(f"{mark}{d.index:3d}  {d.name}  ({channels} ch{' in' if kind == 'input' else ''}, "
+              f"{d.default_samplerate:g} Hz)")  # fmt: skip
+    return 0
+
+
+def _quality_line(report: Any) -> str:
+    q = report.quality
+    if q is None:
+        return "  quality: not measured"
+
+    def f(v: float | None, unit: str, scale: float = 1.0, digits: int = 0) -> str:
+        return "n/a" if v is None else f"{v * scale:.{digits}f} {unit}"
+
+    return (f"  quality: SNR {f(q.snr_db, 'dB')}, speech {f(q.speech_level_dbfs, 'dBFS')}, "
+            f"noise {f(q.noise_floor_dbfs, 'dBFS')}, clipped {100 * q.clipped_share:.2f} %, "
+            f"DC {100 * q.dc_offset:+.1f} %, decay {f(q.decay_s, 's', 1, 2)}, "
+            f"steady pitch {f(q.steady_pitch_share, '%', 100)}")  # fmt: skip
+
+
+def _verdict(report: Any, strict: bool) -> int:
+    if not report.ok:
+        return 1
+    if strict and report.warnings:
+        print(f"STRICT: {len(report.warnings)} warning(s) count as errors (--strict)")
+        return 1
+    return 0
+
+
+def _precheck(sample: str, strict: bool) -> None:
+    """Print the quality warnings of a local sample; with ``strict``, refuse on any."""
+    if sample[:8].lower().startswith(("http://", "https://")) or not strict:
+        return
+    from .samples import inspect_sample
+
+    report = inspect_sample(sample)
+    if report.ok and report.warnings:
+        warnings = "; ".join(w.message for w in report.warnings)
+        raise UsageError(f"--strict: the sample has quality warnings: {warnings}")
+
+
+class _Screen:
+    """Draws the meter: redrawn in place on a terminal, a plain line a second otherwise."""
+
+    def __init__(self, out: Any, *, target: str, script: tuple[str, ...], limit: float | None):
+        self.out, self.target, self.script, self.limit = out, target, script, limit
+        self.tty = bool(out.isatty())
+        self.drawn = 0
+        self.next_line_s = 0.0
+
+    def __call__(self, status: Any) -> None:
+        from .meter import progress_line, render
+
+        if not self.tty:
+            if status.recorded_s >= self.next_line_s:
+                self.next_line_s = status.recorded_s + 1.0
+                print(progress_line(status), file=self.out, flush=True)
+            return
+        import shutil
+
+        lines = render(status, script=self.script, target=self.target, limit_s=self.limit)
+        width = shutil.get_terminal_size().columns - 1  # a wrapped line would break the redraw
+        up = f"\x1b[{self.drawn}F" if self.drawn else ""  # back to the first line drawn
+        self.out.write(up + "".join(f"{line[:width]}\x1b[K\n" for line in lines))
+        self.out.flush()
+        self.drawn = len(lines)
+
+
+def _script(args: argparse.Namespace) -> tuple[str, ...]:
+    from .meter import script_for
+
+    if args.script is None:
+        try:
+            return script_for(args.language or "en")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    try:
+        text = args.script.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read --script {str(args.script)!r}: {exc.strerror}") from exc
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+async def _record_live(args: argparse.Namespace, out: Path) -> Any:
+    """Record ``out`` with the live screen; Enter on a terminal or a pipe stops it."""
+    import asyncio
+    import stat
+
+    from .record import record_sample
+
+    screen = _Screen(sys.stdout, target=str(out), script=_script(args), limit=args.seconds)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    fd: int | None = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        n = sys.stdin.fileno()
+        if os.isatty(n) or stat.S_ISFIFO(os.fstat(n).st_mode):
+            fd = n
+
+    def on_stdin() -> None:
+        assert fd is not None
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if data:
+            stop.set()
+        else:  # end of input: nobody will press Enter
+            loop.remove_reader(fd)
+
+    if fd is not None:
+        loop.add_reader(fd, on_stdin)
+    if not screen.tty:
+        print(f"recording to {out}: stay quiet for {args.lead_in:g} s, then read; "
+              "Enter stops", flush=True)  # fmt: skip
+    try:
+        device: int | str | None = args.device
+        if isinstance(device, str) and device.isdigit():
+            device = int(device)
+        return await record_sample(
+            out, device=device, seconds=args.seconds, sample_rate=args.rate,
+            backend=args.audio_backend, lead_in_s=args.lead_in, stop=stop, on_status=screen,
+        )  # fmt: skip
+    finally:
+        if fd is not None:
+            loop.remove_reader(fd)
+
+
+def _record_command(args: argparse.Namespace) -> int:
+    """``record`` and ``enroll``: one clear line on Ctrl-C, and nothing half-written."""
+    from . import run
+
+    out = args.out if args.command == "record" else None
+    if args.command == "enroll":
+        out = args.sample or args.out or Path(f"{args.name}.wav")
+    try:
+        return int(run(_record(args) if args.command == "record" else _enroll(args)))
+    except KeyboardInterrupt:
+        what = f"nothing was written to {out}" if out is not None else "nothing was recorded"
+        print(f"tts-stream: interrupted: {what}", file=sys.stderr)
+        return 130
+
+
+def _print_recording(rec: Any) -> None:
+    print(f"wrote {rec.path}: {rec.duration_s:.1f} s at {rec.sample_rate} Hz from "
+          f"{rec.device!r} ({rec.recorded_s - rec.duration_s:.1f} s of lead-in and silence "
+          "trimmed)")  # fmt: skip
+    if rec.stats.dropped or rec.stats.overflows:
+        print(f"  warning: {rec.stats.dropped} frames dropped, {rec.stats.overflows} input "
+              "overflows: the machine was too busy; record again")  # fmt: skip
+
+
+async def _record(args: argparse.Namespace) -> int:
+    rec = await _record_live(args, args.out)
+    _print_recording(rec)
+    return _check(rec.path, args.strict)
+
+
+async def _enroll(args: argparse.Namespace) -> int:
+    if args.sample is None:
+        rec = await _record_live(args, args.out or Path(f"{args.name}.wav"))
+        _print_recording(rec)
+        path = rec.path
+    else:
+        path = args.sample
+    if _check(path, args.strict):
+        return 1
+    async with _engine(args) as engine:
+        voice = await engine.voices.create(
+            str(path), preferred_name=args.name, target_model=args.model, text=args.text,
+            language=args.language,
+        )  # fmt: skip
+    print(f"voice: {voice.name}")
+    given = (("--base-url", args.base_url), ("--data-dir", args.data_dir))
+    where = "".join(f" {flag} {value}" for flag, value in given if value)
+    print(f'try it: tts-stream speak {voice.name} "Hello! This is my cloned voice." '
+          f"--play{where}")
     return 0
 
 

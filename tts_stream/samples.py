@@ -52,7 +52,11 @@ from tts_stream.audio import PCM16
 from tts_stream.errors import UsageError
 
 __all__ = [
+    "CLIPPED_MAX_SHARE",
+    "DC_MAX",
+    "DECAY_MAX_S",
     "ERROR_CODES",
+    "LEVEL_MIN_DBFS",
     "MAX_BYTES",
     "MAX_DURATION_S",
     "MAX_PAUSE_S",
@@ -60,7 +64,11 @@ __all__ = [
     "MIN_SAMPLE_RATE",
     "MIN_SPEECH_S",
     "RECOMMENDED_DURATION_S",
+    "SNR_MIN_DB",
+    "SPEAKER_GAP_ST",
+    "STEADY_MAX_SHARE",
     "Problem",
+    "Quality",
     "SampleReport",
     "data_uri",
     "data_uri_size",
@@ -68,7 +76,10 @@ __all__ = [
     "error_code",
     "inspect_sample",
     "measure_pitch",
+    "measure_quality",
+    "quality_warnings",
     "sniff_container",
+    "speech_span",
 ]
 
 logger = logging.getLogger(__name__)
@@ -137,7 +148,8 @@ class SampleReport:
     """Everything :func:`inspect_sample` measured, and every rule the sample breaks.
 
     ``problems`` make the sample unusable (``ok`` is false); ``warnings`` do not (a duration
-    outside the recommended 10–20 s). Measurements that could not be made are ``None``.
+    outside the recommended 10–20 s, and the recording-quality measures of ``quality``).
+    Measurements that could not be made are ``None``.
     """
 
     problems: tuple[Problem, ...] = ()
@@ -155,6 +167,7 @@ class SampleReport:
     longest_speech_s: float | None = None
     longest_pause_s: float | None = None
     pitch_hz: float | None = None
+    quality: Quality | None = None  # the recording-guide measures (warnings only)
 
     @property
     def ok(self) -> bool:
@@ -501,12 +514,17 @@ class _SpeechStats:
     longest_pause_s: float
 
 
-def _speech_stats(mono: PCM16) -> _SpeechStats:
-    segments = [
+def _segments(mono: PCM16) -> list[tuple[float, float]]:
+    """The speech segments (seconds) of 16 kHz ``mono``: frames merged, clicks dropped."""
+    return [
         (s, e)
         for s, e in _merge(_spans(_speech_frames(mono)), _SEGMENT_GAP_S)
         if e - s >= _MIN_SEGMENT_S
     ]
+
+
+def _speech_stats(mono: PCM16) -> _SpeechStats:
+    segments = _segments(mono)
     if not segments:
         return _SpeechStats(0.0, 0.0, 0.0)
     pauses = [b[0] - a[1] for a, b in zip(segments, segments[1:], strict=False)]
@@ -598,8 +616,11 @@ def inspect_sample(source: str | os.PathLike[str] | bytes) -> SampleReport:
                     f"pauses must be at most {MAX_PAUSE_S:.0f} s", stats.longest_pause_s,
                     MAX_PAUSE_S)
         )  # fmt: skip
+    quality = measure_quality(audio.mono)  # the recording guide's checks: warnings only
+    warnings += quality_warnings(quality)
     measured = replace(
         base,
+        quality=quality,
         codec=audio.codec,
         sample_rate=audio.sample_rate,
         channels=audio.channels,
@@ -650,3 +671,262 @@ def _finish(base: SampleReport, problems: list[Problem], warnings: list[Problem]
     report = replace(base, problems=tuple(ordered), warnings=tuple(warnings))
     logger.debug("sample inspected: ok=%s rules=%s", report.ok, sorted(report.rules()))
     return report
+
+
+# --------------------------------------------------------------------------- recording quality
+#
+# The hard rules above decide whether the service accepts a sample; these measure how well it
+# was recorded, against the product documentation's recording guide (a small quiet room with
+# soft surfaces, a microphone about 10 cm away, no music, no other voices). They only warn
+# (``tts-stream check --strict`` makes them block). Every measure runs on the same 16 kHz mono
+# analysis signal and the same 30 ms speech frames as the hard rules.
+
+SNR_MIN_DB: Final = 25.0
+"""Warn below this signal-to-noise ratio (speech level over the noise between the words)."""
+CLIPPED_MAX_SHARE: Final = 0.001
+"""Warn when more than this share of the samples sits at full scale (0.1 %)."""
+LEVEL_MIN_DBFS: Final = -35.0
+"""Warn when the speech level (RMS of the speech frames) is below this."""
+DECAY_MAX_S: Final = 0.45
+"""Warn when the decay after speech offsets, extrapolated to 60 dB, is longer than this."""
+DC_MAX: Final = 0.01
+"""Warn when the mean of the samples is more than this share of full scale (1 %)."""
+STEADY_MAX_SHARE: Final = 0.35
+"""Warn (music or singing) when more of the voiced time than this holds a steady pitch."""
+SPEAKER_GAP_ST: Final = 6.0
+"""Warn (another voice) when the speech splits into two pitch groups this many semitones apart."""
+
+_FULL_SCALE: Final = 32767 * 0.985  # resampling to 16 kHz rounds a clipped plateau's edges
+_ENV_HOP_S: Final = 0.01
+_DECAY_WINDOW_S: Final = 0.15
+_STEADY_S: Final = 0.25  # a held note: the pitch stays within 1 semitone this long
+_STEADY_ST: Final = 1.0
+
+
+@dataclass(frozen=True)
+class Quality:
+    """How well a sample was recorded; ``None`` where there was too little to measure.
+
+    Levels are dBFS (0 = full scale); ``clipped_share`` and ``dc_offset`` are fractions (of the
+    samples, of full scale); ``decay_s`` is the reverberation estimate (an RT60-like time);
+    ``steady_pitch_share`` the share of voiced time on a held pitch; ``pitch_groups_hz`` the two
+    pitch groups when the speech splits into two voices.
+    """
+
+    speech_level_dbfs: float | None = None
+    noise_floor_dbfs: float | None = None
+    snr_db: float | None = None
+    peak_dbfs: float | None = None
+    clipped_share: float = 0.0
+    dc_offset: float = 0.0
+    decay_s: float | None = None
+    decay_offsets: int = 0
+    steady_pitch_share: float | None = None
+    pitch_groups_hz: tuple[float, float] | None = None
+
+
+def _db(power: float) -> float:
+    return round(10.0 * float(np.log10(max(power, 1e-10))), 1)  # -100 dBFS floor
+
+
+def measure_quality(mono: PCM16, rate: int = _VAD_RATE) -> Quality:
+    """Measure ``mono`` (int16 at ``rate``, 16 kHz for the speech frames) for :class:`Quality`."""
+    x = np.asarray(mono, dtype=np.float64) / 32768.0
+    if rate != _VAD_RATE:
+        mono = np.clip(np.round(soxr.resample(x, rate, _VAD_RATE) * 32768), -32768, 32767)
+        mono = mono.astype(np.int16)
+        x = mono.astype(np.float64) / 32768.0
+    if not x.size:
+        return Quality()
+    peak = float(np.max(np.abs(x)))
+    base = Quality(
+        peak_dbfs=_db(peak * peak),
+        clipped_share=round(float(np.mean(np.abs(mono.astype(np.int32)) >= _FULL_SCALE)), 5),
+        dc_offset=round(float(np.mean(x)), 4),
+    )
+    flags = _speech_frames(mono)
+    n = int(_FRAME_S * _VAD_RATE)
+    if not flags.any():
+        return base
+    power = np.mean((x[: flags.size * n] - base.dc_offset).reshape(-1, n) ** 2, axis=1)
+    speech_p = float(np.mean(power[flags]))
+    quiet = power[~flags]
+    noise_p = float(np.percentile(quiet, 10)) if quiet.size >= 5 else float(np.min(power))
+    decay, offsets = _decay(x - base.dc_offset, noise_p)
+    steady, groups = _pitch_profile(x - base.dc_offset, flags)
+    return replace(
+        base,
+        speech_level_dbfs=_db(speech_p),
+        noise_floor_dbfs=_db(noise_p),
+        snr_db=round(_db(max(speech_p - noise_p, 1e-10)) - _db(noise_p), 1),
+        decay_s=decay,
+        decay_offsets=offsets,
+        steady_pitch_share=steady,
+        pitch_groups_hz=groups,
+    )
+
+
+def _envelope(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Level in dB of 20 ms windows every 10 ms."""
+    hop = int(_ENV_HOP_S * _VAD_RATE)
+    if x.size < 2 * hop:
+        return np.zeros(0)
+    frames = _frames(x, 2 * hop, hop)
+    env: npt.NDArray[np.float64] = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-10)
+    return env
+
+
+def _decay(x: npt.NDArray[np.float64], noise_p: float) -> tuple[float | None, int]:
+    """RT60-like decay time: how fast the level can fall, from the fastest free decays.
+
+    Speech cannot fall silent faster than the room lets its sound die away, so the fastest
+    declines of the level envelope (20 ms windows, 10 ms hop) show the room's decay rate
+    (the idea behind blind reverberation-time estimation, e.g. Ratnam et al. 2003, reduced to
+    its simplest form). Every 150 ms stretch that starts at least 30 dB above the noise floor,
+    ends at least 5 dB above it and falls by 10 dB or more is fitted with a line; its slope,
+    scaled to 60 dB, is one decay time; the estimate is the 10th percentile of those (the
+    fastest declines, not a single outlier). Needs 10 such stretches; with a noise floor
+    within 35 dB of the speech there is no room to measure, and the result is ``None``.
+    """
+    env = _envelope(x)
+    floor = 10 * np.log10(max(noise_p, 1e-10))
+    w = int(_DECAY_WINDOW_S / _ENV_HOP_S)
+    if env.size < w:
+        return None, 0
+    win = sliding_window_view(env, w)
+    t = np.arange(w) * _ENV_HOP_S
+    t -= t.mean()
+    slope = (win - win.mean(axis=1, keepdims=True)) @ t / float(t @ t)  # dB per second
+    start, end = win[:, 0], win[:, -1]
+    falling = (start >= floor + 30) & (end >= floor + 5) & (start - end >= 10) & (slope < 0)
+    if int(falling.sum()) < 10:
+        return None, int(falling.sum())
+    times = -60.0 / slope[falling]
+    return round(float(np.percentile(times, 10)), 2), int(falling.sum())
+
+
+def _pitch_profile(
+    x: npt.NDArray[np.float64], flags: npt.NDArray[np.bool_]
+) -> tuple[float | None, tuple[float, float] | None]:
+    """(share of voiced time on a steady harmonic pitch, two pitch groups in Hz or ``None``).
+
+    A pitch track (40 ms frames, 10 ms hop, the autocorrelation of :func:`measure_pitch`) over
+    the speech frames. Steady: a 250 ms stretch of voiced frames whose pitch stays within one
+    semitone and whose periodicity averages at least 0.9 (strongly harmonic), which a held
+    sung note or an instrument produces and reading aloud rarely does (spoken pitch glides
+    within a syllable; breath and room make it less periodic). Two groups: the median pitch
+    of every 0.5 s of voiced speech, split into two groups by :func:`_two_groups`.
+    """
+    n, hop = int(0.04 * _VAD_RATE), int(_ENV_HOP_S * _VAD_RATE)
+    if x.size < n:
+        return None, None
+    frames = _frames(x, n, hop)
+    rms = np.sqrt(np.mean(frames**2, axis=1))
+    peak, lag = _periodicity(frames, _VAD_RATE, 60.0, 400.0)
+    inside = np.repeat(flags, int(_FRAME_S / _ENV_HOP_S))[: peak.size]
+    inside = np.pad(inside, (0, peak.size - inside.size))
+    voiced = inside & (peak > 0.5) & (rms >= max(0.003, 0.05 * float(np.percentile(rms, 95))))
+    if int(voiced.sum()) < 20:
+        return None, None
+    semis = 12 * np.log2(_VAD_RATE / lag / 100.0)
+    w = int(_STEADY_S / _ENV_HOP_S)
+    steady = np.zeros(voiced.size, bool)
+    if voiced.size >= w:
+        win_s = sliding_window_view(semis, w)
+        held = (
+            sliding_window_view(voiced, w).all(axis=1)
+            & (win_s.max(axis=1) - win_s.min(axis=1) <= _STEADY_ST)
+            & (sliding_window_view(peak, w).mean(axis=1) >= 0.9)
+        )
+        for i in np.flatnonzero(held):
+            steady[i : i + w] = True
+    share = round(float(steady.sum() / voiced.sum()), 3)
+    voiced_semis = semis[voiced]
+    block = int(0.5 / _ENV_HOP_S)
+    medians = [
+        float(np.median(voiced_semis[i : i + block]))
+        for i in range(0, voiced_semis.size - block + 1, block)
+    ]
+    return share, _two_groups(medians)
+
+
+def _two_groups(medians: list[float]) -> tuple[float, float] | None:
+    """Two pitch groups (Hz) when the block medians (semitones) split cleanly, else ``None``.
+
+    The split is Otsu's: the one that maximises the variance between the groups, among
+    those leaving each group a fifth of the blocks; it counts when the group means are
+    :data:`SPEAKER_GAP_ST` apart and each group's spread is under a quarter of that gap.
+    """
+    m = np.sort(np.asarray(medians))
+    least = max(2, int(np.ceil(m.size / 5)))
+    if m.size < 2 * least:
+        return None
+    ks = np.arange(least, m.size - least + 1)
+    between = [k * (m.size - k) * (m[k:].mean() - m[:k].mean()) ** 2 for k in ks]
+    k = int(ks[int(np.argmax(between))])
+    low, high = m[:k], m[k:]
+    gap = float(high.mean() - low.mean())
+    if gap < SPEAKER_GAP_ST or max(float(low.std()), float(high.std())) > gap / 4:
+        return None
+    hz = (100.0 * 2 ** (float(low.mean()) / 12), 100.0 * 2 ** (float(high.mean()) / 12))
+    return round(hz[0], 1), round(hz[1], 1)
+
+
+def quality_warnings(q: Quality) -> list[Problem]:
+    """One warning per measure of ``q`` outside its limit, with the recording guide's advice."""
+    out: list[Problem] = []
+    if q.snr_db is not None and q.snr_db < SNR_MIN_DB:
+        out.append(Problem(
+            "snr", f"signal-to-noise ratio is {q.snr_db:.0f} dB (noise floor "
+            f"{q.noise_floor_dbfs:.0f} dBFS); at least {SNR_MIN_DB:.0f} dB is advised: record in "
+            "a quiet room with doors and windows shut, air conditioning and fans off",
+            q.snr_db, SNR_MIN_DB))  # fmt: skip
+    if q.clipped_share > CLIPPED_MAX_SHARE:
+        out.append(Problem(
+            "clipping", f"{100 * q.clipped_share:.2f} % of the samples are clipped at full "
+            f"scale (at most {100 * CLIPPED_MAX_SHARE:.1f} %); lower the input gain or move a "
+            "little further from the microphone", q.clipped_share, CLIPPED_MAX_SHARE))  # fmt: skip
+    if q.speech_level_dbfs is not None and q.speech_level_dbfs < LEVEL_MIN_DBFS:
+        out.append(Problem(
+            "level", f"speech level is {q.speech_level_dbfs:.0f} dBFS, too low (at least "
+            f"{LEVEL_MIN_DBFS:.0f} dBFS); speak about 10 cm from the microphone or raise the "
+            "input gain", q.speech_level_dbfs, LEVEL_MIN_DBFS))  # fmt: skip
+    if q.decay_s is not None and q.decay_s > DECAY_MAX_S:
+        out.append(Problem(
+            "reverb", f"the room echoes: sound takes about {q.decay_s:.1f} s to die away after "
+            f"speech (at most {DECAY_MAX_S:.1f} s); record in a small room (under 10 m²) with "
+            "soft surfaces (curtains, carpet, furniture)", q.decay_s, DECAY_MAX_S))  # fmt: skip
+    if abs(q.dc_offset) > DC_MAX:
+        out.append(Problem(
+            "dc_offset", f"the signal has a DC offset of {100 * q.dc_offset:+.1f} % of full "
+            f"scale (at most {100 * DC_MAX:.0f} %); the microphone or its interface is faulty or "
+            "badly set: try another input", q.dc_offset, DC_MAX))  # fmt: skip
+    if q.steady_pitch_share is not None and q.steady_pitch_share > STEADY_MAX_SHARE:
+        out.append(Problem(
+            "music", f"{100 * q.steady_pitch_share:.0f} % of the voiced sound holds a steady "
+            f"pitch (speech: under {100 * STEADY_MAX_SHARE:.0f} %): this sounds like music or "
+            "singing; read full sentences in a natural tone, with no music playing",
+            q.steady_pitch_share, STEADY_MAX_SHARE))  # fmt: skip
+    if q.pitch_groups_hz is not None:
+        lo, hi = q.pitch_groups_hz
+        out.append(Problem(
+            "speakers", f"the speech splits into two voices, around {lo:.0f} Hz and {hi:.0f} Hz: "
+            "record one speaker only, with no other voices in the room",
+            f"{lo:.0f}/{hi:.0f} Hz", f"{SPEAKER_GAP_ST:.0f} semitones"))  # fmt: skip
+    return out
+
+
+def speech_span(samples: PCM16, rate: int) -> tuple[float, float] | None:
+    """(start, end) in seconds from the first to the last speech segment, as the hard rules see
+    them (webrtcvad plus the pitch test, clicks ignored); ``None`` when there is no speech.
+
+    ``tts-stream record`` trims the silence outside this span.
+    """
+    x = np.asarray(samples, dtype=np.float64).reshape(-1) / 32768.0
+    if rate != _VAD_RATE:
+        x = soxr.resample(x, rate, _VAD_RATE)
+    mono = np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
+    segments = _segments(mono)
+    if not segments:
+        return None
+    return segments[0][0], segments[-1][1]
