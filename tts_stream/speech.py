@@ -61,7 +61,7 @@ from .errors import (
     server_error,
 )
 from .fanout import Fanout, LaneStats, Policy
-from .messages import billable_characters
+from .ledger import InterruptReport, chars_for_billable, word_cut
 from .metrics import Recorder, UtteranceMetrics
 from .pool import Lease, Pool, PoolKey
 from .resume import Resumed, SentenceCutter, resume_point
@@ -154,28 +154,6 @@ class _Progress(asyncio.Event):
         super().set()
 
 
-@dataclass(frozen=True)
-class InterruptReport:
-    """What :meth:`Speech.interrupt` stopped.
-
-    ``played_ms``: per sink, the audio that actually left it (``Sink.interrupt()``), over the
-    whole speech. ``spoken_text`` is an *approximation* of what the listener heard (by the
-    sink that played the most): the committed text of every completed response whose audio
-    was fully played, plus the part in progress, cut at a word boundary. The server never
-    says which text a sample belongs to: a completed response's text is known from its
-    billed ``usage.characters``, and the cut inside it is proportional to the share of its
-    audio played; for the response still running, the cut is the played audio times the
-    speaking rate (characters per second) of this speech's completed responses, or 15
-    chars/s before any. ``unspoken_text`` is the rest of the text pushed, so
-    ``spoken_text + unspoken_text`` is the text since the start (or the last interrupt).
-    """
-
-    played_ms: Mapping[str, float]
-    spoken_text: str
-    unspoken_text: str
-    dropped_responses: int
-
-
 @dataclass
 class _Segment:
     """A response's place in the utterance: its audio range and (once known) its text."""
@@ -194,16 +172,6 @@ class _Attempt:
     task: asyncio.Task[None] | None = None
     watch: asyncio.Task[None] | None = None  # on_loss="resume": the stall watchdog
     last_activity: float = 0.0  # monotonic time of the last delta or response start
-
-
-def chars_for_billable(text: str, billable: int) -> int:
-    """How many leading characters of ``text`` make ``billable`` billed characters (§5.12)."""
-    total = 0
-    for i, ch in enumerate(text):
-        if total >= billable:
-            return i
-        total += billable_characters(ch)
-    return len(text)
 
 
 def _stop_watch(att: _Attempt) -> None:
@@ -879,7 +847,7 @@ class Speech:
             else:
                 text = running
                 n = int(max(heard - seg.start, 0) / self.fmt.sample_rate * cps)
-            cut = _word_cut(text, min(n, len(text)))
+            cut = word_cut(text, min(n, len(text)))
             spoken.append(text[:cut])
             unspoken.append(text[cut:])
             cut_short += 1
@@ -891,11 +859,3 @@ class Speech:
             unspoken_text="".join(unspoken),
             dropped_responses=cut_short,
         )
-
-
-def _word_cut(text: str, i: int) -> int:
-    """Move a cut index back to the start of the word it falls in."""
-    if i <= 0 or i >= len(text):
-        return max(0, min(i, len(text)))
-    j = text.rfind(" ", 0, i + 1)
-    return j + 1 if j >= 0 else i
