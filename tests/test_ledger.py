@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from tts_stream.ledger import Ledger, chars_for_billable, word_cut
@@ -195,3 +197,128 @@ def test_ledger_invariants(steps: list[tuple[str, object]]) -> None:
     report = ledger.report({"sink": heard_samples})
     assert pushed.startswith(report.spoken_text)
     assert report.spoken_text + report.unspoken_text == pushed
+
+
+# --- commit without noise (issue 11) -----------------------------------------------------
+
+
+def test_a_commit_overtaken_by_the_servers_cut_is_recognised_once() -> None:
+    ledger = Ledger(RATE)
+    ledger.appended("Hi.")
+    ledger.committed()  # on the wire while the server cuts at the period on its own
+    ledger.server_cut()  # that cut, not our commit's answer...
+    assert not ledger.commit_overtaken("InternalError")  # another error stays an error
+    assert ledger.commit_overtaken("invalid_value")  # ...so "buffer is empty" answers ours
+    assert not ledger.commit_overtaken("invalid_value")  # once per commit
+
+
+def test_the_empty_commit_answer_may_come_before_the_servers_cut() -> None:
+    ledger = Ledger(RATE)
+    ledger.appended("Hi.")
+    ledger.committed()
+    assert ledger.commit_overtaken("invalid_value")  # the server announces its cut later
+    ledger.server_cut()
+    assert ledger.uncut == 0
+    assert not ledger.commit_overtaken("invalid_value")
+
+
+def test_in_commit_mode_every_cut_answers_a_commit_of_ours() -> None:
+    ledger = Ledger(RATE, server_cuts=False)
+    ledger.appended("Hi.")
+    ledger.committed()
+    ledger.server_cut()
+    assert not ledger.commit_overtaken("invalid_value")
+
+
+def test_a_server_cut_without_a_commit_of_ours_excuses_nothing() -> None:
+    ledger = Ledger(RATE)
+    ledger.appended("Hi.")
+    ledger.server_cut()
+    assert ledger.uncut == 0  # commit() now sends nothing
+    assert not ledger.commit_overtaken("invalid_value")
+
+
+# A server_commit server that cuts at "." on its own and announces each cut (ours or its own)
+# some time later, while an error answers at once; one FIFO wire each way. Hypothesis picks
+# who moves next, so every interleaving of the race is tried.
+CLIENT = st.lists(st.one_of(st.tuples(st.just("push"), st.sampled_from(["a", "b.", " c."])),
+                            st.tuples(st.just("commit"), st.just(""))), max_size=12)  # fmt: skip
+
+
+class _Wire:
+    def __init__(self, actions: list[tuple[str, str]]) -> None:
+        self.ledger = Ledger(RATE)
+        self.todo = list(actions)
+        self.to_server: list[tuple[str, str]] = []
+        self.cuts = 0  # cuts made, not yet announced
+        self.to_client: list[str] = []
+        self.buffered = ""
+        self.errors = self.recognised = 0
+
+    def client_acts(self) -> None:
+        kind, text = self.todo.pop(0)
+        if kind == "push":
+            self.ledger.appended(text)
+            self.to_server.append(("append", text))
+        elif self.ledger.uncut > 0:  # what Speech.commit() does
+            self.ledger.committed()
+            self.to_server.append(("commit", ""))
+
+    def server_reads(self) -> None:
+        kind, text = self.to_server.pop(0)
+        self.buffered += text
+        if kind == "commit" and not self.buffered:
+            self.to_client.append("error")
+        elif self.buffered and (kind == "commit" or self.buffered.endswith(".")):
+            self.buffered = ""
+            self.cuts += 1
+
+    def server_announces(self) -> None:
+        self.cuts -= 1
+        self.to_client.append("committed")
+
+    def client_reads(self) -> None:
+        if self.to_client.pop(0) == "committed":
+            self.ledger.server_cut()
+        else:
+            self.errors += 1
+            self.recognised += self.ledger.commit_overtaken("invalid_value")
+
+    def step(self, choice: int) -> bool:
+        moves: list[tuple[object, Callable[[], None]]] = [
+            (self.todo, self.client_acts),
+            (self.to_server, self.server_reads),
+            (self.cuts, self.server_announces),
+            (self.to_client, self.client_reads),
+        ]
+        possible = [act for ready, act in moves[choice:] + moves[:choice] if ready]
+        if possible:
+            possible[0]()
+        return bool(possible)
+
+
+@settings(max_examples=400, deadline=None)
+@given(CLIENT, st.lists(st.integers(0, 3), max_size=80))
+def test_every_empty_commit_answer_is_recognised_as_the_race(
+    actions: list[tuple[str, str]], choices: list[int]
+) -> None:
+    wire = _Wire(actions)
+    while wire.step(choices.pop() if choices else 0):
+        pass
+    assert wire.recognised == wire.errors  # no empty-commit answer is shown as a server error
+    assert wire.ledger.uncut == 0 or wire.buffered  # what the server holds, the ledger knows
+    event(f"races: {min(wire.errors, 2)}")
+
+
+def test_resume_from_closes_the_lost_response_at_the_resume_point() -> None:
+    ledger = Ledger(RATE)
+    ledger.appended("One. Two. ")
+    ledger.response_started("r1")
+    assert not ledger.running_heard
+    ledger.audio(300)
+    assert ledger.running_heard
+    assert ledger.resume_from(5) == ("One. ", "Two. ")
+    assert ledger.pending_chars == 0 and ledger.uncut == 0 and not ledger.running_heard
+    ledger.appended("Two. ")  # the fresh session sends the rest again
+    report = ledger.report({"s": 300})
+    assert report.spoken_text + report.unspoken_text == "One. Two. "

@@ -19,8 +19,11 @@ Retry policy (why):
   could not be opened at all (nothing was sent), or HTTP 429, which the gateway's rate
   limiter returns before the request reaches the voice service (failed creations are not
   billed, §4.8).
-* ``Retry-After`` / ``retry-after-ms`` raise the jittered delay to at least the server's
-  figure, still capped by ``RetryPolicy.max_delay`` so that no call blocks for long.
+* Whether an error is worth another try is the error's own ``retryable`` (the one policy of
+  :mod:`tts_stream.errors`, shared with speech). ``Retry-After`` / ``retry-after-ms``, or
+  else the error's ``retry_after`` (a rate limit without the header: 1 s), raise the
+  jittered delay to at least that figure, still capped by ``RetryPolicy.max_delay`` so
+  that no call blocks for long.
 
 The API key never appears in a log record, an exception message or a ``repr``: it is only
 ever read by :meth:`Endpoint.headers`, and everything taken from a response (the body, the
@@ -214,10 +217,13 @@ class _Failure(Exception):
 
     @property
     def transient(self) -> bool:
-        """Worth retrying for an idempotent request."""
-        if isinstance(self.error, ServerError):
-            return self.error.retryable
-        return isinstance(self.error, (ConnectionFailed, Timeout))
+        """Worth retrying for an idempotent request: the error says (the one policy)."""
+        return self.error.retryable
+
+    @property
+    def wait_at_least(self) -> float:
+        """The server's ``Retry-After``, else the least wait the error itself names."""
+        return self.retry_after if self.retry_after is not None else self.error.retry_after
 
     @property
     def outcome_unknown(self) -> bool:
@@ -448,7 +454,7 @@ class Voices:
                 safe = f.nothing_sent or (f.transient and (idempotent or f.status == 429))
                 if not safe or attempt + 1 >= policy.attempts:
                     raise err from f.cause
-                delay = policy.delay(attempt, u=policy.jitter(), retry_after=f.retry_after)
+                delay = policy.delay(attempt, u=policy.jitter(), retry_after=f.wait_at_least)
                 log.warning(
                     "enrollment %s failed (%s); retry %d/%d in %.3f s",
                     action,

@@ -22,6 +22,16 @@ Secrets (API keys) never appear in ``str()`` or ``repr()`` of any of these::
     │   ├── VoiceNotFound          BadRequest.VoiceNotFound
     │   └── QuotaExceeded          Throttling.AllocationQuota
     └── Timeout                    a bounded wait ran out (.what, .seconds)
+
+One retry policy, carried by the exception (asked by enrollment and speech alike):
+``exc.retryable`` says whether the same request may succeed when tried again (a transient
+failure: a dropped or refused connection, a 5xx, a timeout, a rate limit), and
+``exc.retry_after`` how long to wait first, at least (seconds; 0 for "at once"). A rate
+limit (429, ``Throttling*``) is retryable but only after a wait: the server's
+``Retry-After`` when it sent one, else :data:`RATE_LIMIT_WAIT_S` (limits are per minute,
+possibly enforced per second, protocol.md §4.8 and §5.10). A caller that cannot wait that
+long (a speech: it is real time) raises the error at once instead of retrying too soon,
+which would only count as another request against the same limit.
 """
 
 from __future__ import annotations
@@ -44,9 +54,14 @@ __all__ = [
     "TtsStreamError",
     "UsageError",
     "VoiceNotFound",
+    "RATE_LIMIT_WAIT_S",
     "redact",
     "server_error",
 ]
+
+#: The wait before retrying a rate-limited request when the server named none: the limits
+#: are per minute and may be enforced per second (protocol.md §4.8, §5.10).
+RATE_LIMIT_WAIT_S = 1.0
 
 
 def redact(text: str, *secrets: str | None) -> str:
@@ -58,7 +73,21 @@ def redact(text: str, *secrets: str | None) -> str:
 
 
 class TtsStreamError(Exception):
-    """Base class of every error raised by tts-stream."""
+    """Base class of every error raised by tts-stream.
+
+    ``retryable`` and ``retry_after`` are the one retry policy (see the module docstring):
+    whether the same request may succeed when tried again, and the least wait before it.
+    """
+
+    @property
+    def retryable(self) -> bool:
+        """Whether trying the same request again may succeed (False: it would fail again)."""
+        return False
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds to wait at least before a retry can succeed (0: at once)."""
+        return 0.0
 
 
 class UsageError(TtsStreamError, ValueError):
@@ -101,6 +130,11 @@ class ProtocolViolation(TtsStreamError):
 class ConnectionFailed(TtsStreamError):
     """Could not connect to the service, or the connection broke."""
 
+    @property
+    def retryable(self) -> bool:
+        """A fresh connection may work (a refused handshake says otherwise, see there)."""
+        return True
+
 
 class HandshakeRejected(ConnectionFailed):
     """The WebSocket upgrade was answered with an HTTP error status."""
@@ -110,6 +144,11 @@ class HandshakeRejected(ConnectionFailed):
         super().__init__(
             f"handshake rejected with HTTP {status}" + (f": {message}" if message else "")
         )
+
+    @property
+    def retryable(self) -> bool:
+        """Only a server-side status (5xx) may go away; a 4xx would be answered again."""
+        return self.status >= 500
 
 
 class ConnectionLost(ConnectionFailed):
@@ -146,13 +185,25 @@ class ServerError(TtsStreamError):
         status: int | None = None,
         request_id: str | None = None,
         retryable: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         self.message, self.code, self.status = message, code, status
-        self.request_id, self.retryable = request_id, retryable
+        self.request_id, self._retryable = request_id, retryable
+        self._retry_after = retry_after
         parts = [p for p in (f"HTTP {status}" if status else None, code) if p]
         head = f"[{' '.join(parts)}] " if parts else ""
         tail = f" (request_id={request_id})" if request_id else ""
         super().__init__(f"{head}{message}{tail}")
+
+    @property
+    def retryable(self) -> bool:
+        """Set by :func:`server_error` from the status and code (408/409/429/5xx)."""
+        return self._retryable
+
+    @property
+    def retry_after(self) -> float:
+        """The server's ``Retry-After`` when it sent one, else 0."""
+        return self._retry_after or 0.0
 
 
 class AuthenticationError(ServerError):
@@ -160,7 +211,15 @@ class AuthenticationError(ServerError):
 
 
 class RateLimited(ServerError):
-    """The service throttled the request (HTTP 429 or a ``Throttling*`` code)."""
+    """The service throttled the request (HTTP 429 or a ``Throttling*`` code).
+
+    Retryable, but only after :attr:`retry_after`: the server's ``Retry-After``, else
+    :data:`RATE_LIMIT_WAIT_S`.
+    """
+
+    @property
+    def retry_after(self) -> float:
+        return self._retry_after if self._retry_after is not None else RATE_LIMIT_WAIT_S
 
 
 class VoiceNotFound(ServerError):
@@ -186,6 +245,11 @@ class Timeout(TtsStreamError, TimeoutError):
         else:
             super().__init__(f"timed out after {seconds:g} s waiting for {what}")
 
+    @property
+    def retryable(self) -> bool:
+        """A wait that ran out may not run out again (a fresh connection, a quieter server)."""
+        return True
+
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -196,8 +260,12 @@ def server_error(
     code: str | None = None,
     status: int | None = None,
     request_id: str | None = None,
+    retry_after: float | None = None,
 ) -> ServerError:
-    """Build the most specific :class:`ServerError` for a code/status pair."""
+    """Build the most specific :class:`ServerError` for a code/status pair.
+
+    ``retry_after``: the server's ``Retry-After`` in seconds, when it sent one.
+    """
     code_s = code or ""
     cls: type[ServerError] = ServerError
     if (
@@ -213,4 +281,7 @@ def server_error(
     elif status == 429 or code_s.startswith("Throttling"):
         cls = RateLimited
     retryable = cls is RateLimited or (status in _RETRYABLE_STATUS and cls is ServerError)
-    return cls(message, code=code, status=status, request_id=request_id, retryable=retryable)
+    return cls(
+        message, code=code, status=status, request_id=request_id, retryable=retryable,
+        retry_after=retry_after,
+    )  # fmt: skip

@@ -7,12 +7,16 @@ method calls:
 * the text pushed (``appended``), our commits (``committed``) and the server's own cuts in
   ``server_commit`` mode (``server_cut``, from ``input_text_buffer.committed``), so
   :attr:`Ledger.uncut` says whether a ``commit`` would find text (protocol.md §5.6: a commit
-  of an empty buffer is an error);
+  of an empty buffer is an error). One race remains: the server cuts while our commit is on
+  the wire, and answers it with an ``error``; :meth:`Ledger.commit_overtaken` recognises
+  that answer (a commit of ours followed by a server cut), so it is not a server error;
 * each response: its start, the audio it delivered (utterance sample offsets) and, when it
   is done, the text it consumed, from its billed ``usage.characters`` (§5.12);
 * the **replay log**: every text event sent, valid until the first sample reached a sink;
   a retry replays it on a fresh session, after that it is gone (speech never repeats);
-* the **barge-in report** (:class:`InterruptReport`) as a function of what each sink played.
+* the **barge-in report** (:class:`InterruptReport`) as a function of what each sink played;
+* a **resume** after a loss (``on_loss="resume"``): :meth:`Ledger.resume_from` closes the
+  lost session's accounts at the resume point (:func:`tts_stream.resume.resume_point`).
 
 Invariants (property-tested in ``tests/test_ledger.py``): once audio was delivered the
 replay log is empty, so no text is both replayable and heard; ``spoken_text +
@@ -93,13 +97,17 @@ def word_cut(text: str, i: int) -> int:
 class Ledger:
     """The text and audio accounting of one speech (see the module docstring)."""
 
-    def __init__(self, sample_rate: int) -> None:
+    def __init__(self, sample_rate: int, *, server_cuts: bool = True) -> None:
         self.sample_rate = sample_rate
+        # server_commit mode: the server cuts on its own, so a commit of ours can be overtaken.
+        self.server_cuts = server_cuts
         self._spoken: list[str] = []  # text of completed responses, in order
         self._pending = ""  # pushed text no completed response has consumed yet
         self._uncut = 0  # chars appended since the last cut (our commit or the server's)
         self._ops: list[TextOp] = []  # text events of this session, for a replay
         self._committed_once = False
+        self._commits_unanswered = 0  # our commits sent, no input_text_buffer.committed yet
+        self._overtaken = 0  # ...answered by a server cut instead: an error may follow
         self._segments: list[_Segment] = []
         self._created_mark = 0  # len(_pending) when the running response started
         self.samples_out = 0  # samples delivered to the fan-out, over the whole speech
@@ -111,6 +119,11 @@ class Ledger:
     def pending_chars(self) -> int:
         """Text pushed that no completed response has consumed yet."""
         return len(self._pending)
+
+    @property
+    def pending_text(self) -> str:
+        """The text pushed that no completed response has consumed yet."""
+        return self._pending
 
     @property
     def uncut(self) -> int:
@@ -132,6 +145,7 @@ class Ledger:
         """Our ``input_text_buffer.commit`` was sent."""
         self._uncut = 0
         self._committed_once = True
+        self._commits_unanswered += 1
         self._log(("commit", ""))
 
     def finishing(self) -> None:
@@ -139,8 +153,43 @@ class Ledger:
         self._log(("finish", ""))
 
     def server_cut(self) -> None:
-        """``input_text_buffer.committed``: the server cut everything sent so far."""
+        """``input_text_buffer.committed``: the server cut everything sent so far.
+
+        With a commit of ours unanswered, this is its answer, or (``server_commit`` mode)
+        the server's own cut that overtook it: then our commit finds an empty buffer and
+        its ``error`` answer follows.
+        """
         self._uncut = 0
+        if self._commits_unanswered:
+            self._commits_unanswered -= 1
+            if self.server_cuts:
+                self._overtaken += 1
+
+    def commit_overtaken(self, code: str) -> bool:
+        """Whether a recoverable ``error`` of ``code`` answers a commit the server's own cut
+        overtook (the buffer was empty when it arrived): the race, not a server error.
+
+        ``server_commit`` mode only, once per commit of ours, and only for ``invalid_value``
+        (the documented code of an empty commit's error, protocol.md §5.7 C; the message is
+        not a contract). The server may announce its cut before or after that error, so
+        both orders count: the error answers a commit still unanswered, or one whose
+        ``committed`` may have been the server's cut.
+        """
+        if not self.server_cuts or code != "invalid_value":
+            return False
+        if self._commits_unanswered:
+            self._commits_unanswered -= 1
+            return True
+        if self._overtaken:
+            self._overtaken -= 1
+            return True
+        return False
+
+    def _new_session(self) -> None:
+        """Per-session counts start over (a retry, a resume, after a barge-in)."""
+        self._uncut = 0
+        self._commits_unanswered = 0
+        self._overtaken = 0
 
     def _log(self, op: TextOp) -> None:
         if not self.audio_delivered:
@@ -218,8 +267,8 @@ class Ledger:
         self._segments = []
         self._pending = ""
         self._created_mark = 0
-        self._uncut = 0
         self._committed_once = False
+        self._new_session()
         return ops
 
     def report(self, played: Mapping[str, int]) -> InterruptReport:
@@ -269,9 +318,33 @@ class Ledger:
         """After a barge-in: what was not heard is gone; the next text starts afresh."""
         self._spoken = []
         self._pending = ""
-        self._uncut = 0
         self._ops.clear()
         self._segments = []
         self._created_mark = 0
         self._committed_once = False
         self.audio_delivered = False
+        self._new_session()
+
+    # --- resume ----------------------------------------------------------------------------
+
+    @property
+    def running_heard(self) -> bool:
+        """A response is running and has delivered audio (its text is partly heard)."""
+        seg = self._segments[-1] if self._segments else None
+        return seg is not None and seg.text is None and seg.end > seg.start
+
+    def resume_from(self, skip: int) -> tuple[str, str]:
+        """The session was lost after audio; a fresh one continues from ``pending[skip:]``.
+
+        The first ``skip`` characters were consumed by the lost response (the part of them
+        not heard is never said): they count as its text. Returns ``(cut, rest)``; the rest
+        is to be sent again and recorded with ``appended`` like new text.
+        """
+        cut, rest = self._pending[:skip], self._pending[skip:]
+        running = self._segments[-1] if self._segments else None
+        if running is not None and running.text is None:
+            running.text = cut
+        self._spoken.append(cut)
+        self._pending, self._created_mark = "", 0
+        self._new_session()
+        return cut, rest

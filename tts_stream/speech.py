@@ -2,8 +2,9 @@
 
 Role: ``async with engine.speak(voice, sinks=[...]) as speech`` gives a :class:`Speech`. It
 holds a configured realtime session from the pool, one *pump* task per session that moves
-frames from the connection into the :class:`~tts_stream.fanout.Fanout`, and the text
-bookkeeping that makes these work:
+frames from the connection into the :class:`~tts_stream.fanout.Fanout`, and the orchestration
+around them; every fact about the text and the audio (pushed, cut, consumed, billed,
+delivered, replayable, heard) lives in the pure :class:`~tts_stream.ledger.Ledger`:
 
 * **Back-pressure**: :meth:`Speech.push` waits while the text not yet synthesized exceeds
   ``max_pending_chars`` or the audio queued for the slowest lossless sink exceeds half of
@@ -19,6 +20,9 @@ bookkeeping that makes these work:
 * **Barge-in**: :meth:`Speech.interrupt` clears the server's text buffer, retires the socket
   (closes it: ``response.cancel`` is not documented, §5.4), drops late deltas, interrupts
   every sink at once and reports what was played. The next push dials a new session.
+* **Commit without noise**: :meth:`Speech.commit` sends only when the ledger has text the
+  server has not cut yet; when the server's own cut overtakes a commit on the wire, the
+  server's "empty buffer" answer is recognised and logged at debug level only.
 * **Finish**: leaving the block sends ``session.finish``, waits for ``session.finished`` and
   for every sink to drain, and closes the sinks it opened.
 * **Waits are bounded by inactivity**, never by the length of the speech: a wait (room for
@@ -47,21 +51,18 @@ from typing import Literal
 
 from . import protocol as p
 from .audio import AudioFormat, Frame, Sink
-from .connection import Audio, ResponseBegan
+from .connection import Audio, Connection, ResponseBegan
 from .errors import (
-    AuthenticationError,
     ClosedError,
     ConnectionFailed,
     ConnectionLost,
-    HandshakeRejected,
-    RateLimited,
     Timeout,
     TtsStreamError,
     UsageError,
     server_error,
 )
 from .fanout import Fanout, LaneStats, Policy
-from .ledger import InterruptReport, chars_for_billable, word_cut
+from .ledger import CLAUSE_END, InterruptReport, Ledger, chars_for_billable
 from .metrics import Recorder, UtteranceMetrics
 from .pool import Lease, Pool, PoolKey
 from .resume import Resumed, SentenceCutter, resume_point
@@ -77,8 +78,6 @@ _IDLE_GRACE_S = 0.5
 _DRIFT_WAIT_S = 2.0
 _IDLE_STEP_S = 0.1
 _CLEAR_TIMEOUT_S = 0.2  # best effort before the socket is retired anyway
-_CHARS_PER_SECOND = 15.0  # typical speaking rate, used until a response tells the real one
-_CLAUSE_END = frozenset(",;:!?.\n，、；：。！？")
 
 
 class SpeechState(enum.Enum):
@@ -155,16 +154,6 @@ class _Progress(asyncio.Event):
 
 
 @dataclass
-class _Segment:
-    """A response's place in the utterance: its audio range and (once known) its text."""
-
-    response_id: str
-    start: int  # first sample (utterance offset)
-    end: int  # one past the last sample received
-    text: str | None = None  # None while running
-
-
-@dataclass
 class _Attempt:
     lease: Lease
     retired: bool = False
@@ -181,11 +170,11 @@ def _stop_watch(att: _Attempt) -> None:
 
 
 def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, AuthenticationError | RateLimited):
-        return False  # the same request would fail again (quick-failure, peers.md §2.3)
-    if isinstance(exc, HandshakeRejected):
-        return exc.status >= 500
-    return isinstance(exc, ConnectionFailed | Timeout)
+    """The one retry policy (:mod:`tts_stream.errors`), for a real-time speech: retry what
+    the error calls retryable *at once*. An error that asks for a wait first (a rate limit,
+    ``retry_after``) is raised without a retry: the caller is waiting for audio now, and a
+    retry before the wait would only count as another request against the same limit."""
+    return isinstance(exc, TtsStreamError) and exc.retryable and not exc.retry_after
 
 
 class Speech:
@@ -231,16 +220,8 @@ class Speech:
             started_at=time.monotonic(),
         )  # fmt: skip
         self._final: UtteranceMetrics | None = None
-        # Text bookkeeping: `_pending` is pushed text no completed response has consumed yet.
-        self._spoken: list[str] = []  # text of completed responses, in order
-        self._pending = ""
-        self._uncommitted = 0  # chars appended since the last commit (ours or the server's)
-        self._ops: list[tuple[str, str]] = []  # text events of this session, for a replay
-        self._committed_first = False
-        self._segments: list[_Segment] = []
-        self._created_mark = 0  # len(_pending) when the running response started
-        self._samples_out = 0
-        self._audio_delivered = False  # audio of the current session reached the fan-out
+        # Every fact about the text and the audio: pushed, cut, consumed, heard, replayable.
+        self._ledger = Ledger(key.sample_rate, server_cuts=key.mode == "server_commit")
         self._attempts_left = options.retries
         # on_loss="resume": commit per sentence; what was resumed so far.
         self._cutter = SentenceCutter() if options.on_loss == "resume" else None
@@ -333,7 +314,7 @@ class Speech:
     @property
     def pending_chars(self) -> int:
         """Text pushed that no completed response has consumed yet."""
-        return len(self._pending)
+        return self._ledger.pending_chars
 
     async def push(self, text: str) -> None:
         """Send ``text`` (any size: a token, a sentence); waits while the pipeline is full."""
@@ -354,24 +335,26 @@ class Speech:
                 await self._send_cut(att, text)
                 return
             await self._send(att, "append", text)
-            self._pending += text
-            self._uncommitted += len(text)
             if (
                 self.options.first_commit == "clause"
                 and self.mode == "server_commit"
-                and not self._committed_first
-                and any(c in _CLAUSE_END for c in text)
+                and not self._ledger.committed_once
+                and any(c in CLAUSE_END for c in text)
             ):
                 await self._send(att, "commit", "")
 
     async def commit(self) -> None:
-        """Synthesize what was pushed so far now (both modes, protocol.md §5.6)."""
+        """Synthesize what was pushed so far now (both modes, protocol.md §5.6).
+
+        Sends nothing when the server already cut all the text (``server_commit`` mode, a
+        sentence end): a commit of an empty buffer is an error on the server.
+        """
         self._check_open("commit")
         async with self._send_lock:
             self._check_open("commit")
             att = self._attempt
-            if att is None or self._uncommitted == 0:
-                return  # nothing buffered: an empty commit is an error on the server
+            if att is None or self._ledger.uncut == 0:
+                return
             await self._send(att, "commit", "")
 
     async def interrupt(self) -> InterruptReport:
@@ -387,7 +370,7 @@ class Speech:
                 att.lease.connection.retire_current()
                 await self._cancel_pump(att)
             played = await self._fanout.interrupt()  # the sinks stop first, at once
-            report = self._report(played)
+            report = self._ledger.report(played)
             if att is not None:
                 conn = att.lease.connection
                 if conn.state in (p.State.READY, p.State.STREAMING):
@@ -397,13 +380,7 @@ class Speech:
                         async with asyncio.timeout(_CLEAR_TIMEOUT_S):
                             await conn.clear()
                 await att.lease.release()
-            # What was not heard is gone; the next push starts afresh on a new session.
-            self._pending = ""
-            self._uncommitted = 0
-            self._ops.clear()
-            self._segments = []
-            self._committed_first = False
-            self._audio_delivered = False
+            self._ledger.interrupted()  # the next push starts afresh on a new session
             self._progress.set()
         return report
 
@@ -416,7 +393,10 @@ class Speech:
             raise ClosedError(f"cannot {what} a speech in state {self.state.name}")
 
     async def _send(self, att: _Attempt, op: str, text: str) -> None:
-        """Send one text event on the current session (the caller holds the send lock)."""
+        """Send one text event on the current session (the caller holds the send lock).
+
+        Recorded in the ledger even when the socket is going away: a replay sends it again.
+        """
         conn = att.lease.connection
         now = time.monotonic()
         try:
@@ -425,8 +405,6 @@ class Speech:
                 self._rec.text_sent(now, len(text))
             elif op == "commit":
                 await conn.commit()
-                self._uncommitted = 0
-                self._committed_first = True
             else:
                 await conn.finish()
         except (ConnectionFailed, ClosedError) as exc:
@@ -436,10 +414,15 @@ class Speech:
             if conn.state not in (p.State.FAILED, p.State.CLOSED):
                 raise
             # The session failed under us; the pump reports why (retry or the server error).
-        if not self._audio_delivered:
-            self._ops.append((op, text))  # replayable until audio reached a sink
-        elif self._ops:
-            self._ops.clear()
+        self._record(op, text)
+
+    def _record(self, op: str, text: str) -> None:
+        if op == "append":
+            self._ledger.appended(text)
+        elif op == "commit":
+            self._ledger.committed()
+        else:
+            self._ledger.finishing()
 
     async def _send_cut(self, att: _Attempt, text: str) -> None:
         """on_loss="resume": append ``text`` committing after each sentence (lock held)."""
@@ -447,9 +430,7 @@ class Speech:
         for op, piece in self._cutter.feed(text):
             if op == "append":
                 await self._send(att, "append", piece)
-                self._pending += piece
-                self._uncommitted += len(piece)
-            elif self._uncommitted > 0:
+            elif self._ledger.uncut > 0:
                 await self._send(att, "commit", "")
 
     async def _ensure_attempt(self) -> _Attempt:
@@ -522,7 +503,7 @@ class Speech:
 
     def _full(self) -> bool:
         assert self._fanout is not None
-        if len(self._pending) >= self.options.max_pending_chars:
+        if self._ledger.pending_chars >= self.options.max_pending_chars:
             return True
         audio_cap = self.fmt.samples(self.options.max_unplayed_ms) // 2
         return self._fanout.backlog_samples() > audio_cap
@@ -532,89 +513,66 @@ class Speech:
         while self._full():
             self._check_open("push")
             att = self._attempt
-            text_full = len(self._pending) >= self.options.max_pending_chars
             idle = (
-                att is not None and text_full and not att.lease.connection.protocol.response_active
+                att is not None
+                and self._ledger.pending_chars >= self.options.max_pending_chars
+                and not att.lease.connection.protocol.response_active
             )
-            if not idle:
+            if att is None or not idle:
                 idle_since = None
             else:
                 # The text budget is full but nothing is being synthesized.
                 now = time.monotonic()
                 idle_since = idle_since if idle_since is not None else now
-                waited = now - idle_since
-                if self._uncommitted > 0 and (self.mode == "commit" or waited >= _IDLE_GRACE_S):
-                    # The server holds text it has not cut (commit mode: the caller never
-                    # committed; server_commit: its cut rule is waiting): cut now rather
-                    # than deadlock. In server_commit mode give the server a moment first.
-                    assert att is not None
-                    async with self._send_lock:
-                        if self._attempt is att and self._uncommitted > 0:
-                            await self._send(att, "commit", "")
-                    idle_since = None
-                elif self._uncommitted == 0 and waited >= _DRIFT_WAIT_S:
-                    # The server cut all our text and is idle, yet our count says text is
-                    # pending: billed characters did not match the text (§5.12 is a doc
-                    # rule, not a contract). Trust the server over the count.
-                    log.warning("%d pending chars were never billed: counted as spoken",
-                                len(self._pending))  # fmt: skip
-                    self._spoken.append(self._pending)
-                    self._pending, self._created_mark = "", 0
+                done = await self._unstick(att, now - idle_since)
+                if done == "forgiven":
                     continue
-            self._progress.clear()
-            limit = self.options.push_idle_s
-            try:
-                async with asyncio.timeout(_IDLE_STEP_S if idle else limit):
-                    await self._progress.wait()
-            except TimeoutError as exc:
-                if not idle:
-                    raise Timeout("room for more text", limit, inactivity=True) from exc
+                if done == "committed":
+                    idle_since = None
+            await self._wait_progress(idle)
+
+    async def _unstick(
+        self, att: _Attempt, waited: float
+    ) -> Literal["committed", "forgiven"] | None:
+        """The text budget is full and the server idle for ``waited`` s: commit, or re-sync."""
+        ledger = self._ledger
+        if ledger.uncut > 0 and (self.mode == "commit" or waited >= _IDLE_GRACE_S):
+            # The server holds text it has not cut (commit mode: the caller never committed;
+            # server_commit: its cut rule is waiting): cut now rather than deadlock. In
+            # server_commit mode give the server a moment first.
+            async with self._send_lock:
+                if self._attempt is att and ledger.uncut > 0:
+                    await self._send(att, "commit", "")
+            return "committed"
+        if ledger.uncut == 0 and waited >= _DRIFT_WAIT_S:
+            # The server cut all our text and is idle, yet text counts as pending.
+            n = ledger.forgive_unbilled()
+            log.warning("%d pending chars were never billed: counted as spoken", n)
+            return "forgiven"
+        return None
+
+    async def _wait_progress(self, idle: bool) -> None:
+        """Wait for progress: a short step while idle, else up to the push inactivity limit."""
+        self._progress.clear()
+        limit = self.options.push_idle_s
+        try:
+            async with asyncio.timeout(_IDLE_STEP_S if idle else limit):
+                await self._progress.wait()
+        except TimeoutError as exc:
+            if not idle:
+                raise Timeout("room for more text", limit, inactivity=True) from exc
 
     # --- the pump -----------------------------------------------------------------------------
 
     async def _pump(self, att: _Attempt) -> None:
         """Move one session's events into the fan-out. Never raises into the TaskGroup."""
-        conn = att.lease.connection
-        lost: BaseException | None = None
         try:
-            async for item in conn.events:  # no loop round-trip when an item is ready
-                if att.retired:
-                    return
-                if isinstance(item, Audio):
-                    await self._on_audio(att, item)
-                elif isinstance(item, ResponseBegan):
-                    self._on_response_started(item.response_id, item.received_at)
-                elif isinstance(item, p.ResponseFinished):
-                    self._on_response_finished(item)
-                elif isinstance(item, p.BufferCommitted):
-                    self._uncommitted = 0
-                elif isinstance(item, p.ServerFailure):
-                    if item.fatal:  # the session is unusable even if the socket stays open
-                        lost = server_error(item.message or "server error", code=item.code)
-                        break
-                    else:
-                        log.warning("server reported %s: %s", item.code, item.message)
-                elif isinstance(item, p.SessionComplete):
-                    att.complete.set()
-                    self._ended.set()
-                elif isinstance(item, p.SessionLost) and lost is None:
-                    lost = ConnectionLost(
-                        f"connection {conn.close_cause()} before the session finished",
-                        code=item.code,
-                        reason=item.reason,
-                        audio_received=self._audio_delivered,
-                    )
-                self._progress.set()
+            lost = await self._pump_events(att)
             if att.retired or att.complete.is_set():
                 return
-            if lost is None:
-                lost = ConnectionLost(
-                    f"connection {conn.close_cause()} before the session finished",
-                    code=conn.close_code,
-                    reason=conn.close_reason,
-                    audio_received=self._audio_delivered,
-                )
-            await self._after_loss(att, lost)
+            conn = att.lease.connection
+            await self._after_loss(att, lost or self._lost(conn, conn.close_code,
+                                                           conn.close_reason))  # fmt: skip
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -625,53 +583,80 @@ class Speech:
             self._progress.set()
             self._ended.set()
 
+    async def _pump_events(self, att: _Attempt) -> BaseException | None:
+        """Handle the session's events until its channel ends; returns the loss, if any."""
+        lost: BaseException | None = None
+        async for item in att.lease.connection.events:  # no loop round-trip when one is ready
+            if att.retired:
+                return None
+            if isinstance(item, Audio):
+                await self._on_audio(att, item)
+            else:
+                loss = self._on_event(att, item)
+                if isinstance(item, p.ServerFailure) and loss is not None:
+                    return loss  # fatal: the session is unusable even if the socket stays open
+                lost = lost or loss
+            self._progress.set()
+        return lost
+
+    def _on_event(self, att: _Attempt, item: object) -> BaseException | None:
+        """One event other than audio; returns the loss it reports, if any."""
+        if isinstance(item, ResponseBegan):
+            self._on_response_started(item.response_id, item.received_at)
+        elif isinstance(item, p.ResponseFinished):
+            self._rec.response_done(item.characters)
+            self._ledger.response_finished(item.response_id, item.characters)
+        elif isinstance(item, p.BufferCommitted):
+            self._ledger.server_cut()
+        elif isinstance(item, p.ServerFailure):
+            return self._on_server_failure(item)
+        elif isinstance(item, p.SessionComplete):
+            att.complete.set()
+            self._ended.set()
+        elif isinstance(item, p.SessionLost):
+            return self._lost(att.lease.connection, item.code, item.reason)
+        return None
+
+    def _on_server_failure(self, item: p.ServerFailure) -> BaseException | None:
+        if item.fatal:
+            return server_error(item.message or "server error", code=item.code)
+        if self._ledger.commit_overtaken(item.code):
+            # The server's own cut overtook our commit on the wire: expected, not an error.
+            log.debug("commit overtaken by the server's cut (%s: %s)", item.code, item.message)
+        else:
+            log.warning("server reported %s: %s", item.code, item.message)
+        return None
+
+    def _lost(self, conn: Connection, code: int | None, reason: str) -> ConnectionLost:
+        return ConnectionLost(
+            f"connection {conn.close_cause()} before the session finished",
+            code=code,
+            reason=reason,
+            audio_received=not self._ledger.replayable,
+        )
+
     async def _on_audio(self, att: _Attempt, item: Audio) -> None:
         assert self._fanout is not None
         frame = item.frame
         self._rec.delta(frame.received_at, frame.samples, server_sent_at=item.server_sent_at)
-        n = len(frame)
-        if not self._segments or self._segments[-1].response_id != frame.response_id:
-            self._on_response_started(frame.response_id, frame.received_at)
-        self._segments[-1].end += n
-        out = Frame(frame.samples, self._samples_out, frame.response_id, frame.received_at)
-        self._samples_out += n
-        self._audio_delivered = True
+        self._on_response_started(frame.response_id, frame.received_at)
+        offset = self._ledger.audio(len(frame))  # nothing is replayable from now on
         att.last_activity = frame.received_at
-        if self._ops:
-            self._ops.clear()  # never replayed now: speech must not repeat
-        await self._fanout.write(out)
+        await self._fanout.write(Frame(frame.samples, offset, frame.response_id, frame.received_at))
 
     def _on_response_started(self, rid: str, at: float) -> None:
-        if self._segments and self._segments[-1].response_id == rid:
-            return
-        self._rec.response_created(at)
-        self._segments.append(_Segment(rid, self._samples_out, self._samples_out))
-        self._created_mark = len(self._pending)
-        if len(self._segments) > 64:  # only recent segments matter for a barge-in report
-            del self._segments[:-64]
-
-    def _on_response_finished(self, note: p.ResponseFinished) -> None:
-        self._rec.response_done(note.characters)
-        if note.characters is not None:
-            n = chars_for_billable(self._pending, note.characters)
-        else:
-            n = self._created_mark
-        text, self._pending = self._pending[:n], self._pending[n:]
-        self._created_mark = 0
-        self._spoken.append(text)
-        for seg in reversed(self._segments):
-            if seg.response_id == note.response_id:
-                seg.text = text
-                break
+        if self._ledger.response_started(rid):
+            self._rec.response_created(at)
 
     async def _after_loss(self, att: _Attempt, lost: BaseException) -> None:
         """The session ended early: retry transparently before audio, else fail (or resume)."""
-        if self._audio_delivered and self._cutter is not None and _retryable(lost):
+        delivered = not self._ledger.replayable
+        if delivered and self._cutter is not None and _retryable(lost):
             await self._resume(att, lost)
             return
-        if self._audio_delivered or not _retryable(lost) or self._attempts_left <= 0:
+        if delivered or not _retryable(lost) or self._attempts_left <= 0:
             if isinstance(lost, ConnectionLost):
-                lost.audio_received = self._audio_delivered
+                lost.audio_received = delivered
             self._fail(lost)
             return
         self._attempts_left -= 1
@@ -680,9 +665,7 @@ class Speech:
             if not await self._take_over(att):
                 return
             self._rec.forget_audio()
-            self._segments = []
-            self._pending = "".join(t for op, t in self._ops if op == "append")
-            ops, self._ops = list(self._ops), []
+            ops = self._ledger.replay()
             try:
                 await self._new_attempt()
                 assert self._attempt is not None
@@ -709,14 +692,9 @@ class Speech:
         async with self._send_lock:
             if not await self._take_over(att):
                 return
-            running = self._segments[-1] if self._segments else None
-            heard = running is not None and running.text is None and running.end > running.start
-            skip = resume_point(self._pending, running_heard=heard)
-            cut, rest = self._pending[:skip], self._pending[skip:]
-            if running is not None and running.text is None:
-                running.text = cut  # consumed by the lost response (its rest is never said)
-            self._spoken.append(cut)
-            self._pending, self._created_mark, self._uncommitted = "", 0, 0
+            ledger = self._ledger
+            heard = ledger.running_heard
+            cut, rest = ledger.resume_from(resume_point(ledger.pending_text, running_heard=heard))
             finishing = self.state is SpeechState.FINISHING
             if len(self._resumed) >= opts.resume_attempts:
                 self._fail(lost)
@@ -728,19 +706,7 @@ class Speech:
                 self._fail(exc)
                 return
             assert self._attempt is not None
-            event = Resumed(
-                attempt=len(self._resumed) + 1,
-                code=getattr(lost, "code", None),
-                reason=str(lost),
-                audio_ms=self.fmt.ms(self._samples_out),
-                cut_text=cut,
-                resumed_text=rest,
-            )  # fmt: skip
-            self._resumed.append(event)
-            self._rec.resumes += 1
-            self._rec.lost_chars += len(cut) if heard else 0
-            log.warning("connection lost after %.0f ms of audio: resumed at a sentence "
-                        "boundary (%d chars cut)", event.audio_ms, len(cut))  # fmt: skip
+            event = self._record_resume(lost, cut, rest, heard)
             self._cutter = SentenceCutter()
             await self._send_cut(self._attempt, rest)
             if finishing:
@@ -750,6 +716,22 @@ class Speech:
                 opts.on_resume(event)
             except Exception:
                 log.exception("on_resume callback failed")
+
+    def _record_resume(self, lost: BaseException, cut: str, rest: str, heard: bool) -> Resumed:
+        event = Resumed(
+            attempt=len(self._resumed) + 1,
+            code=getattr(lost, "code", None),
+            reason=str(lost),
+            audio_ms=self.fmt.ms(self._ledger.samples_out),
+            cut_text=cut,
+            resumed_text=rest,
+        )  # fmt: skip
+        self._resumed.append(event)
+        self._rec.resumes += 1
+        self._rec.lost_chars += len(cut) if heard else 0
+        log.warning("connection lost after %.0f ms of audio: resumed at a sentence "
+                    "boundary (%d chars cut)", event.audio_ms, len(cut))  # fmt: skip
+        return event
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -820,42 +802,3 @@ class Speech:
     def _snapshot(self) -> UtteranceMetrics:
         sinks = self._fanout.sink_stats() if self._fanout else {}
         return self._rec.snapshot(sinks)
-
-    def _report(self, played: Mapping[str, int]) -> InterruptReport:
-        heard = max(played.values(), default=0)
-        spoken: list[str] = []
-        unspoken: list[str] = []
-        # Completed responses older than the segments kept are long played: all spoken.
-        kept_done = sum(1 for seg in self._segments if seg.text is not None)
-        spoken.extend(self._spoken[: max(len(self._spoken) - kept_done, 0)])
-        # Speaking rate, to place the cut inside the running response (whose text the server
-        # never tells): learned from this speech's completed responses, else ~15 chars/s.
-        done = [seg for seg in self._segments if seg.text is not None and seg.end > seg.start]
-        done_chars = sum(len(seg.text or "") for seg in done)
-        done_s = sum(seg.end - seg.start for seg in done) / self.fmt.sample_rate
-        cps = done_chars / done_s if done_chars and done_s else _CHARS_PER_SECOND
-        running = self._pending[: self._created_mark]
-        cut_short = 0
-        for seg in self._segments:
-            if seg.text is not None:
-                text = seg.text
-                if seg.end <= heard:
-                    spoken.append(text)
-                    continue
-                frac = (heard - seg.start) / max(seg.end - seg.start, 1)
-                n = int(len(text) * min(max(frac, 0.0), 1.0))
-            else:
-                text = running
-                n = int(max(heard - seg.start, 0) / self.fmt.sample_rate * cps)
-            cut = word_cut(text, min(n, len(text)))
-            spoken.append(text[:cut])
-            unspoken.append(text[cut:])
-            cut_short += 1
-        running_open = bool(self._segments) and self._segments[-1].text is None
-        unspoken.append(self._pending[len(running) if running_open else 0 :])
-        return InterruptReport(
-            played_ms={name: self.fmt.ms(n) for name, n in played.items()},
-            spoken_text="".join(spoken),
-            unspoken_text="".join(unspoken),
-            dropped_responses=cut_short,
-        )
