@@ -15,8 +15,10 @@ delivered, replayable, heard) lives in the pure :class:`~tts_stream.ledger.Ledge
   complete, for the lowest first audio; the server segments the rest.
 * **Retry** (protocol.md §6.6): if the session is lost *before any audio reached a sink*, a
   fresh session is acquired and every text event sent so far is replayed (bounded
-  attempts). After audio, speech is never repeated: :class:`~tts_stream.errors.ConnectionLost`
-  with ``audio_received=True`` is raised, and everything received was delivered to the sinks.
+  attempts; the ledger's replay log). Whether an error is worth it is the error's own
+  ``retryable``; one that asks for a wait first (``retry_after``: a rate limit) is raised.
+  After audio, speech is never repeated: :class:`~tts_stream.errors.ConnectionLost` with
+  ``audio_received=True`` is raised, and everything received was delivered to the sinks.
 * **Barge-in**: :meth:`Speech.interrupt` clears the server's text buffer, retires the socket
   (closes it: ``response.cancel`` is not documented, §5.4), drops late deltas, interrupts
   every sink at once and reports what was played. The next push dials a new session.
