@@ -116,13 +116,18 @@ class Channel(Generic[T]):
             raise anyio.ClosedResourceError
         if self._recv_closed:
             raise anyio.BrokenResourceError
-        cost = 1 if self._cost is None else self._cost(item)
-        dropped: list[T] = []
-        while self._items and self.used + cost > self._capacity:
-            dropped.append(self._pop())
-        self._items.append(item)
-        if self._cost is not None:
-            self._used += cost
+        items, cost_of, dropped = self._items, self._cost, []
+        if cost_of is None:
+            while len(items) >= self._capacity:
+                dropped.append(items.popleft())
+        else:
+            cost, used = cost_of(item), self._used
+            while items and used + cost > self._capacity:
+                old = items.popleft()
+                used -= cost_of(old)
+                dropped.append(old)
+            self._used = used + cost
+        items.append(item)
         _wake(self._getter)
         return dropped
 
