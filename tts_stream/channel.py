@@ -65,6 +65,9 @@ class Channel(Generic[T]):
         self._cost = cost
         self._low_water = capacity if low_water is None else max(0, min(low_water, capacity))
         self._used = 0
+        #: Items queued. A plain attribute, so that hot paths (the fan-out's idle-lane test)
+        #: read it without a call; read it, never assign it.
+        self.queued = 0
         self._getter: asyncio.Future[None] | None = None
         self._putter: asyncio.Future[None] | None = None
         self._send_closed = False
@@ -81,14 +84,15 @@ class Channel(Generic[T]):
             raise anyio.BrokenResourceError
         cost_of = self._cost
         if cost_of is None:  # a count bound: the reader -> pump hop, once per delta
-            if len(self._items) >= self._capacity:
+            if self.queued >= self._capacity:
                 raise anyio.WouldBlock
         else:
             cost = cost_of(item)
-            if self._items and self._used + cost > self._capacity:
+            if self.queued and self._used + cost > self._capacity:
                 raise anyio.WouldBlock
             self._used += cost
         self._items.append(item)
+        self.queued += 1
         getter = self._getter
         if getter is not None and not getter.done():
             getter.set_result(None)
@@ -128,6 +132,7 @@ class Channel(Generic[T]):
                 dropped.append(old)
             self._used = used + cost
         items.append(item)
+        self.queued = len(items)
         _wake(self._getter)
         return dropped
 
@@ -139,25 +144,25 @@ class Channel(Generic[T]):
 
     # --- receiving ----------------------------------------------------------------------------
 
-    def _pop(self) -> T:
-        item = self._items.popleft()
-        if self._cost is None:
-            used = len(self._items)
-        else:
-            used = self._used = self._used - self._cost(item)
-        if used <= self._low_water:
-            putter = self._putter
-            if putter is not None and not putter.done():
-                putter.set_result(None)
-        return item
-
     def receive_nowait(self) -> T:
         """The next item, or ``WouldBlock`` (empty), ``EndOfStream`` (empty and the sender
         closed), ``ClosedResourceError`` (this end was closed)."""
         if self._recv_closed:
             raise anyio.ClosedResourceError
-        if self._items:
-            return self._pop()
+        if self.queued:  # inline, no helper call: once per delta on the reader -> pump hop
+            item = self._items.popleft()
+            self.queued -= 1
+            cost_of = self._cost
+            if cost_of is not None:
+                self._used -= cost_of(item)
+                if self._used > self._low_water:
+                    return item
+            elif self.queued > self._low_water:
+                return item
+            putter = self._putter
+            if putter is not None and not putter.done():
+                putter.set_result(None)
+            return item
         if self._send_closed:
             raise anyio.EndOfStream
         raise anyio.WouldBlock
@@ -186,7 +191,7 @@ class Channel(Generic[T]):
         """Drop everything queued (barge-in) and return it; a waiting sender gets room."""
         items = list(self._items)
         self._items.clear()
-        self._used = 0
+        self._used = self.queued = 0
         _wake(self._putter)
         return items
 
@@ -201,12 +206,12 @@ class Channel(Generic[T]):
 
     def __len__(self) -> int:
         """Items queued."""
-        return len(self._items)
+        return self.queued
 
     @property
     def used(self) -> int:
         """Cost queued (items for a channel without ``cost``)."""
-        return len(self._items) if self._cost is None else self._used
+        return self.queued if self._cost is None else self._used
 
     @property
     def capacity(self) -> int:

@@ -89,7 +89,7 @@ class _Lane:
 
     def idle(self) -> bool:
         """Nothing queued and no write in progress: a frame may go to the sink directly."""
-        return not self.queue and not self.busy and self.failed is None and not self.ended
+        return not self.queue.queued and not self.busy and self.failed is None and not self.ended
 
     async def put(self, frame: Frame) -> None:
         if self.failed is not None or self.ended:
@@ -113,7 +113,7 @@ class _Lane:
         """Next frame, or ``None`` once the lane ended (or failed) and is empty."""
         queue = self.queue
         try:
-            if queue:
+            if queue.queued:
                 return queue.receive_nowait()
             self._idle.set()
             return await queue.receive()
@@ -135,12 +135,12 @@ class _Lane:
         self.queue.close_send()
 
     async def wait_idle(self) -> None:
-        while self.queue or self.busy:
+        while self.queue.queued or self.busy:
             self._idle.clear()
             await self._idle.wait()
 
     def mark_idle(self) -> None:
-        if not self.queue:
+        if not self.queue.queued:
             self._idle.set()
 
     def stats(self) -> LaneStats:
