@@ -15,9 +15,10 @@ no queue, no wake-up of the lane's task. ``write_nowait`` either delivers exactl
 would or does nothing and returns False, so this never waits in the caller and never
 reorders; when it refuses, the frame takes the queue as usual.
 
-Queues are bounded in *samples* (milliseconds of audio), so memory is bounded by
-configuration, never by the length of an utterance. Boundary: knows the
-:class:`~tts_stream.audio.Sink` protocol only; never imports ``sinks``.
+Each queue is a :class:`~tts_stream.channel.Channel` of frames bounded in *samples*
+(milliseconds of audio), so memory is bounded by configuration, never by the length of an
+utterance. Boundary: knows the :class:`~tts_stream.audio.Sink` protocol only (its optional
+members through :mod:`tts_stream.audio`'s accessors); never imports ``sinks``.
 """
 
 from __future__ import annotations
