@@ -5,6 +5,8 @@
 idempotent ``aclose`` that always releases, and the counters behind ``stats()``. A concrete sink
 fills in five small hooks (``_open``, ``_write``, ``_drain``, ``_interrupt``, ``_release``),
 plus optionally ``_try_write`` (the synchronous half behind the optional ``write_nowait``).
+It has every optional member of the protocol (``write_nowait``, ``is_open`` with ``format``,
+``preferred_sample_rate``), with defaults a subclass may override.
 :class:`OwnedTasks` is the small structure that owns a sink's background tasks: started in
 ``open``, cancelled and awaited in ``aclose``, first failure kept and re-raised to the caller.
 Boundary: imports ``tts_stream.audio`` and ``tts_stream.errors`` only.
@@ -18,7 +20,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 from tts_stream.audio import PCM16, AudioFormat, Frame, SinkStats
 from tts_stream.errors import ClosedError, Timeout, UsageError
@@ -40,24 +42,6 @@ def _defined_in(cls: type, attr: str) -> type:
     return next(c for c in cls.__mro__ if attr in c.__dict__)
 
 
-_EXACT: dict[type, bool] = {}
-
-
-def _nowait_is_exact(cls: type) -> bool:
-    """Whether ``_try_write`` does what ``write`` does for this class.
-
-    Not if a subclass overrode ``write`` (to stamp, count, transform...) or overrode
-    ``_write`` below the class that wrote ``_try_write``: only the override knows what
-    delivering a frame means, so there is no exact non-blocking path.
-    """
-    exact = _EXACT.get(cls)
-    if exact is None:
-        exact = _EXACT[cls] = _defined_in(cls, "write") is BaseSink and issubclass(
-            _defined_in(cls, "_try_write"), _defined_in(cls, "_write")
-        )
-    return exact
-
-
 class BaseSink:
     """Lifecycle, counters and ``stats()`` shared by every sink.
 
@@ -68,6 +52,24 @@ class BaseSink:
     """
 
     name: str
+    #: The optional ``preferred_sample_rate`` of the Sink protocol (RatePreferringSink):
+    #: None, any rate. A sink that plays best at one rate (RTP's 8 kHz) overrides it.
+    preferred_sample_rate: int | None = None
+    # Whether write_nowait may deliver through _try_write (see __init_subclass__).
+    _nowait_exact: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Decide once per class whether ``_try_write`` does what ``write`` does.
+
+        Not if the class (or a base below BaseSink) overrode ``write`` (to stamp, count,
+        transform...) or overrode ``_write`` below the class that wrote ``_try_write``: only
+        the override knows what delivering a frame means, so there is no exact non-blocking
+        path and ``write_nowait`` always refuses.
+        """
+        super().__init_subclass__(**kwargs)
+        cls._nowait_exact = _defined_in(cls, "write") is BaseSink and issubclass(
+            _defined_in(cls, "_try_write"), _defined_in(cls, "_write")
+        )
 
     def __init__(self, *, name: str) -> None:
         self.name = name
@@ -84,6 +86,11 @@ class BaseSink:
     @property
     def state(self) -> SinkState:
         return self._state
+
+    @property
+    def is_open(self) -> bool:
+        """The optional ``is_open`` of the Sink protocol (ReusableSink): opened, not closed."""
+        return self._state is SinkState.OPEN
 
     @property
     def format(self) -> AudioFormat:
@@ -135,7 +142,7 @@ class BaseSink:
         """
         if self._state is not SinkState.OPEN:
             raise self._state_error("write")
-        if not _nowait_is_exact(type(self)):
+        if not self._nowait_exact:
             return False
         samples = frame.samples
         if samples.size == 0:

@@ -3,19 +3,21 @@
 A bounded, lossless, back-pressured queue between the fan-out and a consumer: ``write`` awaits
 while ``max_blocks`` blocks are waiting, the consumer iterates with ``async for`` (or calls
 :meth:`ArraySink.read_all`), and iteration ends once the sink is closed and the queue is
-empty. Boundary: asyncio only; imports ``tts_stream.audio`` and ``tts_stream.errors``.
+empty. The queue is the engine's one channel type (:class:`tts_stream.channel.Channel`,
+bounded by a count of blocks here). Boundary: asyncio only; imports ``tts_stream.audio``,
+``tts_stream.channel`` and ``tts_stream.errors``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-from collections.abc import Callable
 
+import anyio
 import numpy as np
 
 from tts_stream.audio import PCM16
+from tts_stream.channel import Channel
 from tts_stream.errors import Timeout, UsageError
 
 from ._base import BaseSink, SinkState
@@ -23,31 +25,6 @@ from ._base import BaseSink, SinkState
 __all__ = ["ArraySink"]
 
 log = logging.getLogger(__name__)
-
-
-class _Changed:
-    """``notify_all`` callable from synchronous code (``write_nowait``), ``wait_for(pred)``.
-
-    An ``asyncio.Condition`` needs its lock held to notify, and taking it is a coroutine;
-    every check-and-update here runs without an await in between, so no lock is needed.
-    """
-
-    def __init__(self) -> None:
-        self._waiters: set[asyncio.Future[None]] = set()
-
-    def notify_all(self) -> None:
-        for fut in self._waiters:
-            if not fut.done():
-                fut.set_result(None)
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.add(fut)
-            try:
-                await fut
-            finally:
-                self._waiters.discard(fut)
 
 
 class ArraySink(BaseSink):
@@ -71,49 +48,43 @@ class ArraySink(BaseSink):
         super().__init__(name=name)
         self.max_blocks = max_blocks
         self._write_timeout = write_timeout
-        self._blocks: collections.deque[PCM16] = collections.deque()
-        self._queued_samples = 0
-        self._changed = _Changed()
+        self._blocks: Channel[PCM16] = Channel(max_blocks)
 
     # -- producer side (the Sink protocol) ------------------------------------------------
 
     async def _write(self, samples: PCM16) -> None:
         block = samples if not samples.flags.writeable else samples.copy()
         try:
+            self._blocks.send_nowait(block)
+            return
+        except anyio.WouldBlock:
+            pass
+        except anyio.ClosedResourceError:
+            raise self._state_error("write") from None
+        try:
             async with asyncio.timeout(self._write_timeout):
-                await self._changed.wait_for(
-                    lambda: len(self._blocks) < self.max_blocks
-                    or self._state is not SinkState.OPEN
-                )
+                await self._blocks.send(block)  # the consumer makes room
         except TimeoutError:
             raise Timeout(f"the consumer of {self.name}", self._write_timeout) from None
-        if self._state is not SinkState.OPEN:
-            raise self._state_error("write")
-        self._append(block)
+        except anyio.ClosedResourceError:
+            raise self._state_error("write") from None  # closed while waiting
 
     def _try_write(self, samples: PCM16) -> bool:
-        # The state is OPEN (checked by write_nowait); room now means _write would not wait.
-        if len(self._blocks) >= self.max_blocks:
+        # The state is OPEN (checked by write_nowait), so the channel is open for sending.
+        try:
+            self._blocks.send_nowait(samples if not samples.flags.writeable else samples.copy())
+        except anyio.WouldBlock:
             return False
-        self._append(samples if not samples.flags.writeable else samples.copy())
         return True
 
-    def _append(self, block: PCM16) -> None:
-        self._blocks.append(block)
-        self._queued_samples += int(block.size)
-        self._changed.notify_all()
-
     async def _interrupt(self) -> int:
-        dropped = self._queued_samples // self.format.channels
-        self._blocks.clear()
-        self._queued_samples = 0
+        dropped = sum(int(b.size) for b in self._blocks.clear()) // self.format.channels
         self._dropped_samples += dropped
-        self._changed.notify_all()
         return self._samples_played
 
     async def _release(self) -> None:
-        # Queued blocks stay readable; waiting writers and readers are woken up.
-        self._changed.notify_all()
+        # Queued blocks stay readable, then iteration ends; a waiting writer is woken up.
+        self._blocks.close_send()
 
     # -- consumer side ---------------------------------------------------------------------
 
@@ -126,17 +97,14 @@ class ArraySink(BaseSink):
         """The next block, or ``None`` once the sink is closed and empty.
 
         Waits for the producer: bound it with ``asyncio.timeout`` (or use :meth:`read_all`).
+        One consumer at a time (a second concurrent ``get`` raises ``anyio.BusyResourceError``).
         """
-        await self._changed.wait_for(
-            lambda: bool(self._blocks) or self._state is SinkState.CLOSED
-        )
-        if not self._blocks:
+        try:
+            block = await self._blocks.receive()
+        except anyio.EndOfStream:
             return None
-        block = self._blocks.popleft()
-        self._queued_samples -= int(block.size)
         self._samples_played += int(block.size) // self.format.channels
         self._mark_first_sample()
-        self._changed.notify_all()
         return block
 
     def __aiter__(self) -> ArraySink:
@@ -166,4 +134,3 @@ class ArraySink(BaseSink):
         if not blocks:
             return np.zeros(0, np.int16)
         return np.concatenate(blocks)
-

@@ -19,16 +19,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pytest
 
-from tts_stream.audio import PCM16, AudioFormat, Frame, Sink, SinkStats
+from tts_stream.audio import PCM16, AudioFormat, Frame, Sink, SinkStats, nowait_writer
 from tts_stream.errors import ClosedError, UsageError
 
 __all__ = [
     "CHECKS",
+    "PlainSink",
     "SinkFactory",
     "SinkUnderTest",
     "assert_stats_consistent",
@@ -73,6 +74,62 @@ class SinkUnderTest:
 SinkFactory = Callable[[Path], AbstractAsyncContextManager[SinkUnderTest]]
 
 TIMEOUT = 30.0  # generous bound on every check
+
+
+class PlainSink:
+    """A third-party-style sink: only the required members of the Sink protocol, no
+    ``sinks.BaseSink``, none of the optional ones (``write_nowait``, ``is_open``/``format``,
+    ``preferred_sample_rate``). It appends raw PCM16 to the file at ``path``
+    (:meth:`read_back` reads it), and suspends once in every ``write``."""
+
+    def __init__(self, path: Path, name: str = "plain") -> None:
+        self.name, self.path = name, path
+        self.opens = self.closes = 0
+        self._state = "NEW"
+        self._file: IO[bytes] | None = None
+        self._first: float | None = None
+        self._written = 0
+
+    async def open(self, fmt: AudioFormat) -> None:
+        if self._state != "NEW":
+            raise UsageError(f"open() on sink {self.name!r} in state {self._state}")
+        self._file = open(self.path, "wb")  # noqa: ASYNC230 - a page-cache write, as WavSink
+        self._state = "OPEN"
+        self.opens += 1
+
+    async def write(self, frame: Frame) -> None:
+        if self._state != "OPEN" or self._file is None:
+            cls = ClosedError if self._state == "CLOSED" else UsageError
+            raise cls(f"write() on sink {self.name!r} in state {self._state}")
+        if len(frame):
+            await asyncio.sleep(0)  # a sink whose write suspends
+            self._file.write(frame.samples.astype("<i2").tobytes())
+            self._written += len(frame)
+            if self._first is None:
+                self._first = time.monotonic()
+
+    async def drain(self) -> None:
+        if self._state == "OPEN" and self._file is not None:
+            self._file.flush()
+
+    async def interrupt(self) -> int:
+        return self._written  # nothing queued: everything written has left
+
+    async def aclose(self) -> None:
+        if self._state == "CLOSED":
+            return
+        self._state = "CLOSED"
+        self.closes += 1
+        if self._file is not None:
+            self._file.close()
+
+    def stats(self) -> SinkStats:
+        return SinkStats(self.name, self._written, self._written, 0, 0, self._first)
+
+    def read_back(self) -> PCM16:
+        if not self.path.exists():
+            return np.zeros(0, np.int16)
+        return np.frombuffer(self.path.read_bytes(), "<i2")
 
 
 def make_signal(seconds: float, rate: int, *, seed: int = 1) -> PCM16:
@@ -278,9 +335,9 @@ async def check_write_nowait(factory: SinkFactory, tmp_path: Path) -> None:
     ``write`` (UsageError before open, ClosedError naming the state after close).
     """
     async with asyncio.timeout(TIMEOUT), factory(tmp_path) as sut:
-        nowait = getattr(sut.sink, "write_nowait", None)
+        nowait = nowait_writer(sut.sink)
         if nowait is None:
-            return  # optional: nothing to check
+            return  # optional (NonBlockingSink): nothing to check
         audio = make_signal(0.6 if sut.realtime else 2.0, sut.fmt.sample_rate, seed=4)
         with pytest.raises(UsageError, match="NEW"):
             nowait(Frame(audio[:10]))

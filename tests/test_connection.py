@@ -25,7 +25,7 @@ from tts_stream.errors import (
     RateLimited,
     ServerError,
 )
-from tts_stream.messages import VC_MODELS
+from tts_stream.messages import VC_MODELS, EnrollmentError, parse_enrollment_error
 from tts_stream.server import LocalServer
 
 TIMEOUT = 20.0
@@ -192,3 +192,15 @@ async def test_api_key_never_reaches_the_logs(
     assert "> GET /api-ws/v1/realtime" in caplog.text  # the handshake trace was logged ...
     assert "Bearer sk-***" in caplog.text
     assert server.api_key not in caplog.text  # ... without the key
+
+
+def test_the_handshake_and_enrollment_error_bodies_share_one_parser() -> None:
+    """A refused upgrade's body is read by ``messages.parse_enrollment_error`` and redacted
+    field by field, as enrollment errors are (pure: no server)."""
+    key = "sk-echoed-0123456789"
+    body = {"code": f"Bad.{key}", "msg": f"key {key} refused", "request_id": f"r-{key}"}
+    info = parse_enrollment_error(body).redacted(key)
+    assert info == EnrollmentError(
+        code="Bad.sk-***", message="key sk-*** refused", request_id="r-sk-***"
+    )
+    assert parse_enrollment_error(None).redacted(key) == EnrollmentError(None, "", None)

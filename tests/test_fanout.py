@@ -10,8 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sinks import ArraySink, SinkState, WavSink
-from tts_stream.audio import AudioFormat, Frame
+from sinks import ArraySink, RtpSink, SinkState, WavSink
+from tests.sink_conformance import PlainSink
+from tts_stream.audio import (
+    AudioFormat,
+    Frame,
+    is_open,
+    nowait_writer,
+    open_format,
+    preferred_sample_rate,
+)
 from tts_stream.errors import ClosedError, UsageError
 from tts_stream.fanout import Fanout, Policy
 
@@ -300,3 +308,80 @@ async def test_an_overridden_write_hook_is_never_bypassed(tmp_path: Path) -> Non
         assert fan.stats()[0].queued_samples == 2400  # went through the lane's task
         await fan.drain()
         assert sink.stats().samples_played == 2400
+
+
+# --- the Sink protocol's optional members: plain objects need none of them --------------------
+
+
+async def test_a_sink_with_only_the_required_members_goes_through_its_lane(
+    tmp_path: Path,
+) -> None:
+    plain = PlainSink(tmp_path / "p.pcm")
+    assert nowait_writer(plain) is None and not is_open(plain)
+    assert open_format(plain) is None and preferred_sample_rate(plain) is None
+    fs = frames(6)
+    async with asyncio.timeout(TIMEOUT):
+        async with Fanout([plain], FMT) as fan:
+            for f in fs:
+                await fan.write(f)
+            await fan.drain()
+            (lane,) = fan.stats()
+        assert (plain.opens, plain.closes) == (1, 1)  # not open: the fan-out opened and closed it
+    assert lane.samples_out == 6 * 2400 and lane.failed is None
+    assert np.array_equal(plain.read_back(), np.concatenate([f.samples for f in fs]))
+
+
+class _OwnedPlainSink(PlainSink):
+    """A plain sink that says it is open (``is_open``) but has no ``format``."""
+
+    @property
+    def is_open(self) -> bool:
+        return self.opens > self.closes
+
+
+async def test_a_plain_sink_its_owner_opened_stays_open(tmp_path: Path) -> None:
+    sink = _OwnedPlainSink(tmp_path / "o.pcm")
+    await sink.open(FMT)
+    assert is_open(sink) and open_format(sink) is None  # no format: nothing to compare
+    async with asyncio.timeout(TIMEOUT):
+        async with Fanout([sink], FMT) as fan:
+            await fan.write(frames(1)[0])
+            await fan.drain()
+        assert (sink.opens, sink.closes) == (1, 0)
+        await sink.aclose()
+
+
+async def test_base_sinks_state_every_optional_member(tmp_path: Path) -> None:
+    wav = WavSink(tmp_path / "m.wav")
+    assert nowait_writer(wav) is not None and preferred_sample_rate(wav) is None
+    assert not is_open(wav) and open_format(wav) is None
+    await wav.open(FMT)
+    assert is_open(wav) and open_format(wav) == FMT
+    await wav.aclose()
+    assert not is_open(wav)
+    assert preferred_sample_rate(RtpSink("127.0.0.1", 9)) == 8000  # the telephony rate
+
+
+async def test_a_writer_waiting_on_a_failed_sinks_full_lane_is_released() -> None:
+    broken = ArraySink(max_blocks=1, name="broken")
+    await broken.open(FMT)  # caller-opened, so we can break it under the fan-out
+    f0, f1, f2, f3 = frames(4)
+    async with asyncio.timeout(TIMEOUT):
+        async with Fanout([broken], FMT, max_buffered_ms=100) as fan:  # one frame per lane
+            await fan.write(f0)  # straight into the sink (write_nowait): it is full now
+            await fan.write(f1)  # queued; the lane's task takes it and blocks in the sink
+            for _ in range(5):
+                await asyncio.sleep(0)  # loop passes, no time: the lane's task runs
+            assert fan.stats()[0].queued_samples == 0 and broken.queued_blocks == 1
+            await fan.write(f2)  # queued: the lane is full
+            writer = asyncio.create_task(fan.write(f3))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert not writer.done()  # back-pressure
+            await broken.aclose()  # the blocked sink.write raises ClosedError
+            await writer  # released, never raises
+            (lane,) = fan.stats()
+    assert lane.failed is not None and "ClosedError" in lane.failed
+    assert (lane.frames_in, lane.samples_out) == (3, 2400)
+    # f2 was dropped from the queue, f3 never got in: nothing disappears uncounted
+    assert (lane.dropped_frames, lane.dropped_samples) == (1, 2 * 2400)

@@ -26,6 +26,7 @@ from tts_stream.metrics import (
     to_jsonl,
     write_jsonl,
 )
+from tts_stream.protocol import ClientSession, Tally
 from tts_stream.server import LocalServer
 
 SILENCE = np.zeros(2400, np.int16)
@@ -156,3 +157,19 @@ async def test_realtime_pacing_shows_in_gaps_and_rtf(enroll: Enroll) -> None:
     assert m.audio_ms > 900
     assert m.rtf is not None and 0.5 < m.rtf < 3.0  # about real time (generous bounds)
     assert m.p95_gap_ms is not None and 40.0 < m.p95_gap_ms < 1000.0  # ~100 ms deltas
+
+
+def test_the_recorder_and_the_session_count_with_one_tally() -> None:
+    """Responses, deltas and billed characters are counted by ``protocol.Tally`` for a
+    session and for an utterance alike; a retry forgets the audio, not the billing."""
+    rec = Recorder()
+    session = ClientSession(config={})
+    assert type(rec.tally) is type(session.tally) is Tally
+    rec.response_done(12)
+    rec.delta(1.0, np.zeros(240, np.int16))
+    rec.forget_audio()  # a retry on a fresh session
+    rec.response_done(None)  # a legacy response.done without usage.characters
+    rec.delta(2.0, np.zeros(240, np.int16))
+    assert (rec.responses, rec.billed, rec.deltas) == (2, 12, 1)
+    m = rec.snapshot()
+    assert (m.responses, m.billed_characters, m.deltas) == (2, 12, 1)

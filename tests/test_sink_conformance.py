@@ -1,4 +1,5 @@
-"""The sink conformance suite (tests/sink_conformance.py) against WavSink, ArraySink, RtpSink.
+"""The sink conformance suite (tests/sink_conformance.py) against WavSink, ArraySink, RtpSink
+and a third-party-style sink with only the protocol's required members.
 
 Each factory wires one sink to its real receiver: the WAV file read back with the stdlib
 ``wave`` module, the ArraySink's own iterator, a UDP socket on 127.0.0.1 for RTP. Adding a
@@ -20,7 +21,7 @@ import pytest
 
 from sinks import ArraySink, RtpSink, WavSink
 from tests.rtp_receiver import UdpReceiver, decode_payloads
-from tests.sink_conformance import CHECKS, SinkFactory, SinkUnderTest, check_id
+from tests.sink_conformance import CHECKS, PlainSink, SinkFactory, SinkUnderTest, check_id
 from tts_stream.audio import PCM16, AudioFormat, Sink
 
 
@@ -52,6 +53,17 @@ async def array_case(tmp_path: Path) -> AsyncIterator[SinkUnderTest]:
     )
 
 
+@asynccontextmanager
+async def plain_case(tmp_path: Path) -> AsyncIterator[SinkUnderTest]:
+    """A sink with only the required members of the protocol (no BaseSink)."""
+    sink = PlainSink(tmp_path / "plain.pcm")
+
+    async def read_back() -> PCM16:
+        return sink.read_back()
+
+    yield SinkUnderTest(sink, AudioFormat(24000), read_back, delivered_rate=24000)
+
+
 def rtp_case(codec: str, rate: int) -> SinkFactory:
     @asynccontextmanager
     async def case(tmp_path: Path) -> AsyncIterator[SinkUnderTest]:
@@ -75,6 +87,7 @@ def rtp_case(codec: str, rate: int) -> SinkFactory:
 FACTORIES: list[SinkFactory] = [
     wav_case,
     array_case,
+    plain_case,
     rtp_case("l16", 8000),
     rtp_case("pcmu", 24000),
     rtp_case("pcma", 16000),

@@ -8,8 +8,9 @@ argument: callers pass ``now`` / ``start`` read from their own monotonic clock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -17,13 +18,20 @@ import numpy.typing as npt
 __all__ = [
     "AudioFormat",
     "Frame",
+    "NonBlockingSink",
     "PCM16",
+    "RatePreferringSink",
     "Rechunker",
+    "ReusableSink",
     "Sink",
     "SinkStats",
     "deadline",
     "first_voiced_index",
+    "is_open",
+    "nowait_writer",
+    "open_format",
     "pcm16",
+    "preferred_sample_rate",
 ]
 
 PCM16 = npt.NDArray[np.int16]
@@ -88,13 +96,12 @@ class Sink(Protocol):
     that actually left the sink. ``write`` may await (back-pressure); after ``aclose`` it raises
     :class:`~tts_stream.errors.ClosedError`.
 
-    Optional (not a member of this protocol; the fan-out looks it up with ``getattr``):
-    ``write_nowait(frame) -> bool``, synchronous. It either delivers ``frame`` exactly as
-    ``await write(frame)`` would (same output, counters, ``first_sample_at``; a failure raises
-    what ``write`` would raise) without waiting, and returns True; or it does nothing at all
-    and returns False (the caller then uses ``write``). Misuse is not a refusal: before
-    ``open`` and after ``aclose`` it raises as ``write`` does
-    (:class:`~tts_stream.errors.ClosedError` once closed), it never returns False for that.
+    These members are required. A sink may also have any of the optional members stated by
+    :class:`NonBlockingSink` (``write_nowait``), :class:`ReusableSink` (``is_open`` and
+    ``format``) and :class:`RatePreferringSink` (``preferred_sample_rate``);
+    ``sinks.BaseSink`` has them all, with defaults. The engine asks for them only through
+    :func:`nowait_writer`, :func:`open_format` and :func:`preferred_sample_rate`, so a plain
+    object with only the required members is a complete sink.
     """
 
     name: str
@@ -110,6 +117,77 @@ class Sink(Protocol):
     async def aclose(self) -> None: ...
 
     def stats(self) -> SinkStats: ...
+
+
+class NonBlockingSink(Sink, Protocol):
+    """Optional member ``write_nowait(frame) -> bool``, synchronous.
+
+    It either delivers ``frame`` exactly as ``await write(frame)`` would (same output,
+    counters, ``first_sample_at``; a failure raises what ``write`` would raise) without
+    waiting, and returns True; or it does nothing at all and returns False (the caller then
+    uses ``write``). Misuse is not a refusal: before ``open`` and after ``aclose`` it raises as
+    ``write`` does (:class:`~tts_stream.errors.ClosedError` once closed), never False. The
+    fan-out uses it to hand a frame to an idle lossless lane's sink without a queue.
+    """
+
+    def write_nowait(self, frame: Frame) -> bool: ...
+
+
+class ReusableSink(Sink, Protocol):
+    """Optional members ``is_open`` and ``format``: a sink its owner may open before a speech
+    and keep open across speeches (a sound card is not reopened per sentence).
+
+    The fan-out neither opens nor closes a sink whose ``is_open`` is true, and refuses it
+    unless its ``format`` (read only while open) is the speech's. A sink without ``is_open``
+    counts as not open: the speech opens and closes it.
+    """
+
+    @property
+    def is_open(self) -> bool: ...
+
+    @property
+    def format(self) -> AudioFormat: ...
+
+
+class RatePreferringSink(Sink, Protocol):
+    """Optional member ``preferred_sample_rate``: the stream rate this sink plays best at (an
+    8 kHz telephony leg), or None for any. When every sink of a speech prefers the same
+    supported rate, the engine asks the server for it instead of resampling."""
+
+    @property
+    def preferred_sample_rate(self) -> int | None: ...
+
+
+# The optional members are read here and nowhere else. Not ``isinstance`` against
+# ``runtime_checkable`` protocols: on Python 3.11 each such check walks the protocol's
+# members and costs 60-170 us (measured), and these run for every speech.
+
+
+def nowait_writer(sink: Sink) -> Callable[[Frame], bool] | None:
+    """The sink's ``write_nowait`` (:class:`NonBlockingSink`), or None if it has none."""
+    fn = getattr(sink, "write_nowait", None)
+    return cast("Callable[[Frame], bool]", fn) if callable(fn) else None
+
+
+def open_format(sink: Sink) -> AudioFormat | None:
+    """The ``format`` of an open :class:`ReusableSink`; None when the sink is not open or
+    has no ``format``."""
+    if not is_open(sink):
+        return None
+    fmt = getattr(sink, "format", None)
+    return fmt if isinstance(fmt, AudioFormat) else None
+
+
+def is_open(sink: Sink) -> bool:
+    """The sink's ``is_open`` (:class:`ReusableSink`); False for a sink without it."""
+    flag = getattr(sink, "is_open", False)
+    return bool(flag() if callable(flag) else flag)
+
+
+def preferred_sample_rate(sink: Sink) -> int | None:
+    """The sink's ``preferred_sample_rate`` (:class:`RatePreferringSink`), else None."""
+    rate = getattr(sink, "preferred_sample_rate", None)
+    return rate if isinstance(rate, int) and not isinstance(rate, bool) else None
 
 
 def pcm16(data: bytes | bytearray | memoryview) -> PCM16:

@@ -1,16 +1,27 @@
-"""A bounded one-producer, one-consumer channel on plain asyncio futures.
+"""The one bounded channel type: one producer, one consumer, plain asyncio futures.
 
-It carries every audio delta from a connection's reader task to its consumer, so it is on
-the hot path: anyio's memory object streams cost 10–14 % of the loop there (backend lookup
-and a checkpoint per call; bench/README.md, hot spot F). The surface and the exceptions are
-anyio's (``WouldBlock``, ``EndOfStream``, ``ClosedResourceError``, ``BrokenResourceError``)
-so callers read the same either way. Not safe for several producers or consumers.
+It carries every hop of the audio data path that needs a queue: the connection's reader →
+the speech's pump (every delta; bounded by a count of items), each fan-out lane (frames,
+bounded by samples) and :class:`sinks.ArraySink` (blocks, bounded by a count). The bound is a
+*cost*: each item costs ``cost(item)`` (1 when no ``cost`` is given, so a count bound is the
+degenerate case), and ``send`` waits while the queued cost plus the new item's would exceed
+``capacity``. An item costlier than the whole capacity is still taken into an empty channel
+(so a big delta never deadlocks the stream); memory stays bounded by capacity plus one item.
+
+Why not anyio's memory object streams, whose surface and exceptions these are
+(``WouldBlock``, ``EndOfStream``, ``ClosedResourceError``, ``BrokenResourceError``,
+``BusyResourceError``): on the delta hot path they cost 10–14 % of the loop (a backend
+lookup and a checkpoint per call, an ``anyio.Event`` per blocking receive; bench/README.md,
+hot spots B and F), and they count items, not samples. Not safe for several producers or
+several consumers (a second waiter at the same end raises ``BusyResourceError``). The sound
+card keeps its own lock-free ring: its consumer is an audio thread, not a task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -23,37 +34,68 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class ChannelStats:
+    """Queued cost and capacity (named after anyio's ``MemoryObjectStreamStatistics``)."""
+
     current_buffer_used: int
     max_buffer_size: int
 
 
-class Channel(Generic[T]):
-    """``send`` awaits while ``size`` items are queued; ``receive`` awaits while none are."""
+def _wake(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
 
-    def __init__(self, size: int) -> None:
-        if size < 1:
-            raise ValueError("size must be at least 1")
+
+class Channel(Generic[T]):
+    """``send`` awaits while the item does not fit in ``capacity``; ``receive`` while empty.
+
+    ``cost(item)`` must not change while the item is queued (it is asked again when the item
+    leaves). ``low_water``: a sender blocked on a full channel is woken only once the queued
+    cost is down to it (default: at every receive), so a producer of small items is not
+    woken for each one.
+    """
+
+    def __init__(
+        self, capacity: int, *, cost: Callable[[T], int] | None = None,
+        low_water: int | None = None,
+    ) -> None:  # fmt: skip
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
         self._items: collections.deque[T] = collections.deque()
-        self._size = size
+        self._capacity = capacity
+        self._cost = cost
+        self._low_water = capacity if low_water is None else max(0, min(low_water, capacity))
+        self._used = 0
+        #: Items queued. A plain attribute, so that hot paths (the fan-out's idle-lane test)
+        #: read it without a call; read it, never assign it.
+        self.queued = 0
         self._getter: asyncio.Future[None] | None = None
         self._putter: asyncio.Future[None] | None = None
         self._send_closed = False
         self._recv_closed = False
 
-    @staticmethod
-    def _wake(fut: asyncio.Future[None] | None) -> None:
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+    # --- sending ------------------------------------------------------------------------------
 
     def send_nowait(self, item: T) -> None:
+        """Queue ``item`` now or raise ``WouldBlock`` (full), ``ClosedResourceError`` (this end
+        was closed) or ``BrokenResourceError`` (the receiver is gone)."""
         if self._send_closed:
             raise anyio.ClosedResourceError
         if self._recv_closed:
             raise anyio.BrokenResourceError
-        if len(self._items) >= self._size:
-            raise anyio.WouldBlock
+        cost_of = self._cost
+        if cost_of is None:  # a count bound: the reader -> pump hop, once per delta
+            if self.queued >= self._capacity:
+                raise anyio.WouldBlock
+        else:
+            cost = cost_of(item)
+            if self.queued and self._used + cost > self._capacity:
+                raise anyio.WouldBlock
+            self._used += cost
         self._items.append(item)
-        self._wake(self._getter)
+        self.queued += 1
+        getter = self._getter
+        if getter is not None and not getter.done():
+            getter.set_result(None)
 
     async def send(self, item: T) -> None:
         """Queue ``item``, awaiting room; no loop round-trip when there is room already."""
@@ -62,15 +104,64 @@ class Channel(Generic[T]):
                 self.send_nowait(item)
                 return
             except anyio.WouldBlock:
-                self._putter = asyncio.get_running_loop().create_future()
-                await self._putter
+                await self._wait_putter()
+
+    async def _wait_putter(self) -> None:
+        if self._putter is not None and not self._putter.done():
+            raise anyio.BusyResourceError("sending")
+        self._putter = asyncio.get_running_loop().create_future()
+        await self._putter
+
+    def send_evicting(self, item: T) -> list[T]:
+        """Queue ``item`` now, dropping the oldest queued items until it fits (a lossy
+        lane); returns the dropped items, oldest first. Raises as :meth:`send_nowait` for a
+        closed channel."""
+        if self._send_closed:
+            raise anyio.ClosedResourceError
+        if self._recv_closed:
+            raise anyio.BrokenResourceError
+        items, cost_of, dropped = self._items, self._cost, []
+        if cost_of is None:
+            while len(items) >= self._capacity:
+                dropped.append(items.popleft())
+        else:
+            cost, used = cost_of(item), self._used
+            while items and used + cost > self._capacity:
+                old = items.popleft()
+                used -= cost_of(old)
+                dropped.append(old)
+            self._used = used + cost
+        items.append(item)
+        self.queued = len(items)
+        _wake(self._getter)
+        return dropped
+
+    def close_send(self) -> None:
+        """No more items: the receiver gets what is queued, then ``EndOfStream``."""
+        self._send_closed = True
+        _wake(self._getter)
+        _wake(self._putter)
+
+    # --- receiving ----------------------------------------------------------------------------
 
     def receive_nowait(self) -> T:
+        """The next item, or ``WouldBlock`` (empty), ``EndOfStream`` (empty and the sender
+        closed), ``ClosedResourceError`` (this end was closed)."""
         if self._recv_closed:
             raise anyio.ClosedResourceError
-        if self._items:
+        if self.queued:  # inline, no helper call: once per delta on the reader -> pump hop
             item = self._items.popleft()
-            self._wake(self._putter)
+            self.queued -= 1
+            cost_of = self._cost
+            if cost_of is not None:
+                self._used -= cost_of(item)
+                if self._used > self._low_water:
+                    return item
+            elif self.queued > self._low_water:
+                return item
+            putter = self._putter
+            if putter is not None and not putter.done():
+                putter.set_result(None)
             return item
         if self._send_closed:
             raise anyio.EndOfStream
@@ -82,6 +173,8 @@ class Channel(Generic[T]):
             try:
                 return self.receive_nowait()
             except anyio.WouldBlock:
+                if self._getter is not None and not self._getter.done():
+                    raise anyio.BusyResourceError("receiving") from None
                 self._getter = asyncio.get_running_loop().create_future()
                 await self._getter
 
@@ -94,16 +187,35 @@ class Channel(Generic[T]):
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
 
-    def statistics(self) -> ChannelStats:
-        return ChannelStats(len(self._items), self._size)
-
-    def close_send(self) -> None:
-        """No more items: the receiver gets what is queued, then ``EndOfStream``."""
-        self._send_closed = True
-        self._wake(self._getter)
+    def clear(self) -> list[T]:
+        """Drop everything queued (barge-in) and return it; a waiting sender gets room."""
+        items = list(self._items)
+        self._items.clear()
+        self._used = self.queued = 0
+        _wake(self._putter)
+        return items
 
     def close(self) -> None:
-        """The receiver is gone: queued items are dropped, a waiting sender is released."""
+        """The receiver is gone: queued items are dropped, a waiting sender gets
+        ``BrokenResourceError``, a waiting receiver ``ClosedResourceError``."""
         self._recv_closed = True
-        self._items.clear()
-        self._wake(self._putter)
+        self.clear()
+        _wake(self._getter)
+
+    # --- observation --------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Items queued."""
+        return self.queued
+
+    @property
+    def used(self) -> int:
+        """Cost queued (items for a channel without ``cost``)."""
+        return self.queued if self._cost is None else self._used
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def statistics(self) -> ChannelStats:
+        return ChannelStats(self.used, self._capacity)

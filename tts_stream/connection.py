@@ -128,10 +128,10 @@ class Connection:
         self.endpoint = endpoint
         self.model = model
         self.protocol = p.ClientSession(config=session)
-        self.sample_rate = int(session.get("sample_rate", 24000))
         fmt = str(session.get("response_format", "pcm"))
+        rate = int(session.get("sample_rate", 24000))
         # wav/mp3/opus: one incremental decoder per response (decode.py); pcm: none.
-        self._decoders = None if fmt == "pcm" else ResponseDecoders(fmt, self.sample_rate)
+        self._decoders = None if fmt == "pcm" else ResponseDecoders(fmt, rate)
         self._open_timeout = open_timeout
         self._configure_timeout = configure_timeout
         self._close_timeout = close_timeout
@@ -153,7 +153,6 @@ class Connection:
         self._setup_error: BaseException | None = None
         self._samples = 0
         self._closing = False
-        self.opened_at: float | None = None  # monotonic time the session became READY
         # Called (synchronously, from the reader) when the socket has closed; the pool uses
         # it to wake the keeper of an idle spare the server closed.
         self.on_closed: Callable[[], None] | None = None
@@ -184,7 +183,6 @@ class Connection:
         except BaseException:
             await stack.aclose()
             raise
-        self.opened_at = time.monotonic()
         return self
 
     async def __aexit__(
@@ -338,20 +336,13 @@ class Connection:
     # --- reader -------------------------------------------------------------------------------
 
     async def _reader(self) -> None:
+        """Read until the socket closes; then tell the state machine and the consumer."""
         ws, send = self._ws, self._channel
         assert ws is not None and send is not None
         code: int | None = None
         reason = ""
         try:
-            while True:
-                self._rx_waiting_since = time.monotonic()
-                raw = await ws.recv()
-                self._rx_waiting_since = None
-                if not isinstance(raw, str):
-                    log.warning("ignoring a binary frame (%d bytes): text only", len(raw))
-                    continue
-                for note in self._handle(raw):
-                    await send.send(note)  # waits while the consumer is slow (back-pressure)
+            await self._read_frames(ws, send)
         except ConnectionClosed as exc:
             code, reason = _close_info(exc)
             if self._dead_cause is not None:
@@ -370,30 +361,44 @@ class Connection:
             self._fail_setup(ConnectionFailed(f"reader failed: {exc!r}"))
             code, reason = 1011, repr(exc)
         finally:
+            self._reader_ended(code, reason, send)
+
+    async def _read_frames(self, ws: ClientConnection, send: Channel[Item]) -> None:
+        while True:
+            self._rx_waiting_since = time.monotonic()
+            raw = await ws.recv()
             self._rx_waiting_since = None
-            if self._keepalive_wake is not None:
-                _wake(self._keepalive_wake)  # the socket is closed: the keepalive ends
-            self.close_code, self.close_reason = code, reason
-            self._closed.set()
-            if self.on_closed is not None:
-                self.on_closed()
-            notes = self.protocol.connection_closed(code, reason)
-            if not self._ready.is_set():
-                self._fail_setup(
-                    ConnectionLost(
-                        f"connection {self.close_cause()} before session.updated "
-                        f"(model {self.model!r}: the service closes the session of a model "
-                        "it does not know this way)",
-                        code=code,
-                        reason=reason,
-                    )
+            if not isinstance(raw, str):
+                log.warning("ignoring a binary frame (%d bytes): text only", len(raw))
+                continue
+            for note in self._handle(raw):
+                await send.send(note)  # waits while the consumer is slow (back-pressure)
+
+    def _reader_ended(self, code: int | None, reason: str, send: Channel[Item]) -> None:
+        self._rx_waiting_since = None
+        if self._keepalive_wake is not None:
+            _wake(self._keepalive_wake)  # the socket is closed: the keepalive ends
+        self.close_code, self.close_reason = code, reason
+        self._closed.set()
+        if self.on_closed is not None:
+            self.on_closed()
+        notes = self.protocol.connection_closed(code, reason)
+        if not self._ready.is_set():
+            self._fail_setup(
+                ConnectionLost(
+                    f"connection {self.close_cause()} before session.updated "
+                    f"(model {self.model!r}: the service closes the session of a model "
+                    "it does not know this way)",
+                    code=code,
+                    reason=reason,
                 )
-            with contextlib.suppress(
-                anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock
-            ):
-                for note in notes:
-                    send.send_nowait(note)
-            send.close_send()
+            )
+        with contextlib.suppress(
+            anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock
+        ):
+            for note in notes:
+                send.send_nowait(note)
+        send.close_send()
 
     async def _keepalive(self, interval: float, pong_within: float) -> None:
         """Ping after ``interval`` s of network silence; give up after ``pong_within`` s more.
@@ -459,51 +464,40 @@ class Connection:
 
     def _handle(self, raw: str) -> list[Item]:
         """Parse one frame and run it through the state machine (the per-delta hot path)."""
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ProtocolViolation(f"frame is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
-            raise ProtocolViolation("frame is not an event object with a string 'type'")
+        data = m.load_event_object(raw)
         secret = self.endpoint.api_key
         if secret:  # a server echoing the key: no field of its events may carry it on
-            if data["type"] != _DELTA_TYPE:
-                if secret in raw:
-                    data = orjson.loads(raw.replace(secret, "sk-***"))
-            else:  # only the short fields: searching 100 ms of base64 costs ~2 us a delta
-                for k, v in data.items():
-                    if k != "delta" and isinstance(v, str) and secret in v:
-                        data[k] = v.replace(secret, "sk-***")
-        cls = m.SERVER_EVENTS.get(data["type"])
-        if cls is None:
-            log.debug("ignoring unknown event type %r", data["type"])
-            return []
-        event: m.ServerEvent = cls.from_dict(data)
+            data = _redact_event(data, raw, secret)
         out: list[Item] = []
-        for note in self.protocol.receive(event):
-            if isinstance(note, p.AudioReceived):
+        for note in self.protocol.receive(m.server_event_from_dict(data)):
+            if isinstance(note, p.AudioReceived):  # hot path first
                 audio = self._decode(note)
                 if audio.frame.samples.size or self._decoders is None:
                     out.append(audio)
-            elif isinstance(note, p.ResponseFinished) and self._decoders is not None:
-                tail = self._decoders.finish()  # what the decoder held back to the end
-                if tail.size:
-                    out.append(self._frame(tail, note.response_id, {}))
-                out.append(note)
-            elif isinstance(note, p.ResponseStarted):
-                out.append(ResponseBegan(note.response_id, time.monotonic()))
-            elif isinstance(note, p.Configured):
-                self._ready.set()
-            elif isinstance(note, p.ServerFailure):
-                if note.fatal and not self._ready.is_set():
-                    msg = note.message or "session refused"
-                    self._fail_setup(server_error(msg, code=note.code))
-                out.append(note)
-            elif isinstance(note, p.Ignored):
-                log.debug("ignored %s: %s", note.type, note.why)
-            elif not isinstance(note, p.Created):
-                out.append(note)
+            else:
+                self._on_note(note, out)
         return out
+
+    def _on_note(self, note: p.Notification, out: list[Item]) -> None:
+        """Every notification but audio: what the consumer gets of it, in ``out``."""
+        if isinstance(note, p.ResponseFinished) and self._decoders is not None:
+            tail = self._decoders.finish()  # what the decoder held back to the end
+            if tail.size:
+                out.append(self._frame(tail, note.response_id, {}))
+            out.append(note)
+        elif isinstance(note, p.ResponseStarted):
+            out.append(ResponseBegan(note.response_id, time.monotonic()))
+        elif isinstance(note, p.Configured):
+            self._ready.set()
+        elif isinstance(note, p.ServerFailure):
+            if note.fatal and not self._ready.is_set():
+                msg = note.message or "session refused"
+                self._fail_setup(server_error(msg, code=note.code))
+            out.append(note)
+        elif isinstance(note, p.Ignored):
+            log.debug("ignored %s: %s", note.type, note.why)
+        elif not isinstance(note, p.Created):
+            out.append(note)
 
     def _decode(self, note: p.AudioReceived) -> Audio:
         try:
@@ -584,28 +578,36 @@ def _close_info_ws(ws: ClientConnection) -> tuple[int | None, str]:
     return (code if code is not None else 1006), ws.close_reason or ""
 
 
+def _redact_event(data: dict[str, Any], raw: str, secret: str) -> dict[str, Any]:
+    """``data`` with ``secret`` replaced in every field (a server echoing the key)."""
+    if data["type"] != _DELTA_TYPE:
+        if secret not in raw:
+            return data
+        redacted: dict[str, Any] = orjson.loads(raw.replace(secret, "sk-***"))
+        return redacted
+    # A delta: only the short fields; searching 100 ms of base64 costs ~2 us a delta.
+    for k, v in data.items():
+        if k != "delta" and isinstance(v, str) and secret in v:
+            data[k] = v.replace(secret, "sk-***")
+    return data
+
+
 def _handshake_error(exc: InvalidStatus, secret: str | None) -> ServerError | HandshakeRejected:
-    """Our error for an HTTP answer to the upgrade; every field from the body is redacted."""
+    """Our error for an HTTP answer to the upgrade; every field from the body is redacted.
+
+    The body has the enrollment API's error shape (``messages.parse_enrollment_error``).
+    """
     status = exc.response.status_code
-    code: str | None = None
-    message = ""
-    request_id: str | None = None
     try:
         body = orjson.loads(exc.response.body or b"")
     except orjson.JSONDecodeError:
         body = None
-    if isinstance(body, dict):
-        code = body.get("code") if isinstance(body.get("code"), str) else None
-        message = str(body.get("message") or body.get("msg") or "")
-        request_id = body.get("request_id") if isinstance(body.get("request_id"), str) else None
-        code = redact(code, secret) if code is not None else None
-        message = redact(message, secret)
-        request_id = redact(request_id, secret) if request_id is not None else None
+    info = m.parse_enrollment_error(body).redacted(secret)
     if status in (401, 403, 429):
         return server_error(
-            message or f"WebSocket handshake rejected with HTTP {status}",
-            code=code,
+            info.message or f"WebSocket handshake rejected with HTTP {status}",
+            code=info.code,
             status=status,
-            request_id=request_id,
+            request_id=info.request_id,
         )
-    return HandshakeRejected(status, message, code=code)
+    return HandshakeRejected(status, info.message, code=info.code)

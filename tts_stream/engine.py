@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeVar
 import aiohttp
 
 from ._resource import StackResource
-from .audio import Sink
+from .audio import Sink, preferred_sample_rate
 from .config import Endpoint
 from .enrollment import Voice, Voices
 from .errors import ClosedError, ModelMismatch, TtsStreamError, UsageError
@@ -76,7 +76,7 @@ def run(main: Callable[[], Coroutine[Any, Any, T]] | Coroutine[Any, Any, T]) -> 
 
 def preferred_rate(sinks: Sequence[Sink], default: int = 24000) -> int:
     """The sample rate all ``sinks`` prefer (``preferred_sample_rate``), else ``default``."""
-    rates = {getattr(sink, "preferred_sample_rate", None) for sink in sinks}
+    rates = {preferred_sample_rate(sink) for sink in sinks}
     if len(rates) == 1:
         (rate,) = rates
         if isinstance(rate, int) and rate in SAMPLE_RATES:

@@ -551,15 +551,13 @@ class Voices:
     def _server_error(
         self, body: Any, status: int, reason: str | None, header_rid: str | None
     ) -> ServerError:
-        info = parse_enrollment_error(body, request_id=header_rid)
         # A server could echo the key back in any field (an "invalid key: sk-..." text).
-        key = self._endpoint.api_key
-        message = redact(info.message, key).strip()
+        info = parse_enrollment_error(body, request_id=header_rid).redacted(self._endpoint.api_key)
         return server_error(
-            message or f"HTTP {status} {reason or ''}".strip(),
-            code=redact(info.code, key) if info.code is not None else None,
+            info.message.strip() or f"HTTP {status} {reason or ''}".strip(),
+            code=info.code,
             status=status,
-            request_id=redact(info.request_id, key) if info.request_id is not None else None,
+            request_id=info.request_id,
         )
 
 

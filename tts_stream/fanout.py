@@ -15,9 +15,10 @@ no queue, no wake-up of the lane's task. ``write_nowait`` either delivers exactl
 would or does nothing and returns False, so this never waits in the caller and never
 reorders; when it refuses, the frame takes the queue as usual.
 
-Queues are bounded in *samples* (milliseconds of audio), so memory is bounded by
-configuration, never by the length of an utterance. Boundary: knows the
-:class:`~tts_stream.audio.Sink` protocol only; never imports ``sinks``.
+Each queue is a :class:`~tts_stream.channel.Channel` of frames bounded in *samples*
+(milliseconds of audio), so memory is bounded by configuration, never by the length of an
+utterance. Boundary: knows the :class:`~tts_stream.audio.Sink` protocol only (its optional
+members through :mod:`tts_stream.audio`'s accessors); never imports ``sinks``.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import anyio
+
 from ._resource import StackResource
-from .audio import AudioFormat, Frame, Sink, SinkStats
+from .audio import AudioFormat, Frame, Sink, SinkStats, is_open, nowait_writer, open_format
+from .channel import Channel
 from .errors import ClosedError, Timeout, UsageError
 
 __all__ = ["Fanout", "LaneStats", "Policy"]
@@ -64,104 +67,89 @@ class LaneStats:
 
 
 class _Lane:
-    """One sink's bounded queue plus its counters (single producer, single consumer)."""
+    """One sink's bounded queue (a :class:`~tts_stream.channel.Channel` of frames costing
+    their samples) plus its counters; the fan-out writes, the lane's task reads."""
 
     def __init__(self, sink: Sink, name: str, policy: Policy, capacity: int) -> None:
-        self.sink, self.name, self.policy, self.capacity = sink, name, policy, capacity
-        self.frames: deque[Frame] = deque()
-        self.queued = 0
+        self.sink, self.name, self.policy = sink, name, policy
+        self.queue: Channel[Frame] = Channel(capacity, cost=len)
         self.peak = 0
         self.frames_in = self.samples_in = self.samples_out = 0
         self.dropped_frames = self.dropped_samples = 0
         self.ended = False
         self.failed: str | None = None
         self.busy = False  # a write into the sink is in progress
-        # The sink's optional non-blocking write (see the Sink protocol), lossless lanes only.
-        nowait = getattr(sink, "write_nowait", None) if policy is Policy.LOSSLESS else None
-        self.write_nowait: Callable[[Frame], bool] | None = nowait if callable(nowait) else None
-        self._data = asyncio.Event()
-        self._space = asyncio.Event()
+        # The sink's optional non-blocking write (NonBlockingSink), lossless lanes only.
+        self.write_nowait = nowait_writer(sink) if policy is Policy.LOSSLESS else None
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def _push(self, frame: Frame) -> None:
-        self.frames.append(frame)
-        n = len(frame)
-        self.queued += n
-        self.frames_in += 1
-        self.samples_in += n
-        self.peak = max(self.peak, self.queued)
-        self._idle.clear()
-        self._data.set()
-
-    def _fits(self, n: int) -> bool:
-        return not self.frames or self.queued + n <= self.capacity
+    def _drop(self, frame: Frame) -> None:
+        self.dropped_frames += 1
+        self.dropped_samples += len(frame)
 
     def idle(self) -> bool:
         """Nothing queued and no write in progress: a frame may go to the sink directly."""
-        return not self.frames and not self.busy and self.failed is None and not self.ended
+        return not self.queue.queued and not self.busy and self.failed is None and not self.ended
 
     async def put(self, frame: Frame) -> None:
         if self.failed is not None or self.ended:
-            self.dropped_frames += 1
-            self.dropped_samples += len(frame)
+            self._drop(frame)
             return
-        n = len(frame)
         if self.policy is Policy.DROP_OLDEST:
-            while not self._fits(n):
-                old = self.frames.popleft()
-                self.queued -= len(old)
-                self.dropped_frames += 1
-                self.dropped_samples += len(old)
+            for old in self.queue.send_evicting(frame):
+                self._drop(old)
         else:
-            while not self._fits(n):
-                self._space.clear()
-                await self._space.wait()
-                if self.failed is not None:
-                    return
-        self._push(frame)
+            try:
+                await self.queue.send(frame)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._drop(frame)  # the sink failed, or the fan-out closed, meanwhile
+                return
+        self.frames_in += 1
+        self.samples_in += len(frame)
+        self.peak = max(self.peak, self.queue.used)
+        self._idle.clear()
 
     async def get(self) -> Frame | None:
-        """Next frame, or ``None`` once the lane ended and is empty."""
-        while not self.frames:
-            if self.ended:
-                return None
+        """Next frame, or ``None`` once the lane ended (or failed) and is empty."""
+        queue = self.queue
+        try:
+            if queue.queued:
+                return queue.receive_nowait()
             self._idle.set()
-            self._data.clear()
-            await self._data.wait()
-        frame = self.frames.popleft()
-        self.queued -= len(frame)
-        self._space.set()
-        return frame
+            return await queue.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return None
 
     def clear(self) -> int:
         """Drop everything queued (barge-in); returns the samples dropped."""
-        n = self.queued
-        self.frames.clear()
-        self.queued = 0
-        self._space.set()
-        return n
+        return sum(len(f) for f in self.queue.clear())
+
+    def fail(self, exc: Exception) -> None:
+        """The sink raised: it gets nothing more; what was queued for it is dropped."""
+        self.failed = repr(exc)
+        self.dropped_samples += self.clear()
+        self.queue.close()  # the lane's task ends, a waiting writer is let go
 
     def end(self) -> None:
         self.ended = True
-        self._data.set()
-        self._space.set()
+        self.queue.close_send()
 
     async def wait_idle(self) -> None:
-        while self.frames or self.busy:
+        while self.queue.queued or self.busy:
             self._idle.clear()
             await self._idle.wait()
 
     def mark_idle(self) -> None:
-        if not self.frames:
+        if not self.queue.queued:
             self._idle.set()
 
     def stats(self) -> LaneStats:
         return LaneStats(
             name=self.name,
             policy=self.policy,
-            capacity_samples=self.capacity,
-            queued_samples=self.queued,
+            capacity_samples=self.queue.capacity,
+            queued_samples=self.queue.used,
             peak_queued_samples=self.peak,
             frames_in=self.frames_in,
             samples_in=self.samples_in,
@@ -170,19 +158,6 @@ class _Lane:
             dropped_samples=self.dropped_samples,
             failed=self.failed,
         )
-
-
-def _is_open(sink: Sink) -> bool:
-    """Whether the caller opened the sink already.
-
-    The Sink protocol has no such query; sinks built on ``sinks._base.BaseSink`` expose a
-    ``state`` enum (``OPEN``), others may expose a boolean ``is_open``.
-    """
-    flag = getattr(sink, "is_open", None)
-    if flag is not None:
-        return bool(flag() if callable(flag) else flag)
-    state = getattr(sink, "state", None)
-    return getattr(state, "name", None) == "OPEN"
 
 
 class Fanout(StackResource):
@@ -243,10 +218,10 @@ class Fanout(StackResource):
         try:
             stack.push_async_callback(self._close_opened)
             for lane in self._lanes:
-                if not _is_open(lane.sink):
+                if not is_open(lane.sink):
                     await self._bounded(lane.sink.open(self.fmt), f"{lane.name}.open()")
                     self._opened.append(lane.sink)
-                elif (fmt := getattr(lane.sink, "format", self.fmt)) != self.fmt:
+                elif (fmt := open_format(lane.sink) or self.fmt) != self.fmt:
                     raise UsageError(
                         f"sink {lane.name!r} was opened for {fmt}, the speech is {self.fmt}"
                     )
@@ -291,8 +266,6 @@ class Fanout(StackResource):
             if frame is None:
                 lane.mark_idle()
                 return
-            if lane.failed is not None:
-                continue
             lane.busy = True
             try:
                 await lane.sink.write(frame)
@@ -305,9 +278,7 @@ class Fanout(StackResource):
                 self.progress.set()
 
     def _fail(self, lane: _Lane, exc: Exception) -> None:
-        lane.failed = repr(exc)
-        dropped = lane.clear()
-        lane.dropped_samples += dropped
+        lane.fail(exc)
         log.warning("sink %s failed, it gets no more audio: %r", lane.name, exc)
 
     def _write_direct(self, lane: _Lane, nowait: Callable[[Frame], bool], frame: Frame) -> bool:
@@ -350,7 +321,7 @@ class Fanout(StackResource):
 
     def backlog_samples(self) -> int:
         """Samples queued for the slowest lossless sink (what back-pressure acts upon)."""
-        lossless = [lane.queued for lane in self._lanes if lane.policy is Policy.LOSSLESS]
+        lossless = [lane.queue.used for lane in self._lanes if lane.policy is Policy.LOSSLESS]
         return max(lossless, default=0)
 
     async def drain(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, TypeVar
 
 import orjson
 
-from .errors import ProtocolViolation
+from .errors import ProtocolViolation, redact
 
 __all__ = [
     "ALL_EVENTS",
@@ -71,12 +71,14 @@ __all__ = [
     "delete_voice_request",
     "dumps",
     "list_voices_request",
+    "load_event_object",
     "new_event_id",
     "parse_client_event",
     "parse_created_voice",
     "parse_enrollment_error",
     "parse_server_event",
     "parse_voice_page",
+    "server_event_from_dict",
     "to_dict",
 ]
 
@@ -423,7 +425,10 @@ SERVER_EVENTS: dict[str, type[ServerEvent]] = {
 ALL_EVENTS: dict[str, type[Event]] = {**CLIENT_EVENTS, **SERVER_EVENTS}
 
 
-def _load_object(frame: str | bytes) -> dict[str, Any]:
+def load_event_object(frame: str | bytes) -> dict[str, Any]:
+    """The JSON object of one frame, checked to be an event (a string ``type`` and
+    ``event_id``): the first half of :func:`parse_server_event`, for a reader that looks at
+    the object before it becomes an event (the client redacts an echoed key there)."""
     try:
         data = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
@@ -439,7 +444,11 @@ def _load_object(frame: str | bytes) -> dict[str, Any]:
 
 def parse_server_event(frame: str | bytes) -> ServerEvent:
     """Parse one server frame. Unknown types give :class:`UnknownEvent`."""
-    data = _load_object(frame)
+    return server_event_from_dict(load_event_object(frame))
+
+
+def server_event_from_dict(data: Mapping[str, Any]) -> ServerEvent:
+    """The second half of :func:`parse_server_event`: the event of a loaded object."""
     cls = SERVER_EVENTS.get(data["type"])
     if cls is None:
         extra = {k: v for k, v in data.items() if k not in ("type", "event_id")}
@@ -449,7 +458,7 @@ def parse_server_event(frame: str | bytes) -> ServerEvent:
 
 def parse_client_event(frame: str | bytes) -> ClientEvent | UnknownEvent:
     """Parse one client frame (server side). A missing ``event_id`` is tolerated (§5.3)."""
-    data = _load_object(frame)
+    data = load_event_object(frame)
     cls = CLIENT_EVENTS.get(data["type"])
     if cls is None:
         extra = {k: v for k, v in data.items() if k not in ("type", "event_id")}
@@ -530,11 +539,23 @@ class VoicePage:
 
 @dataclass(frozen=True)
 class EnrollmentError:
-    """A non-2xx enrollment body: ``code``, ``message`` (or ``msg``), ``request_id``."""
+    """A non-2xx enrollment body: ``code``, ``message`` (or ``msg``), ``request_id``.
+
+    The body of an HTTP status refusing the realtime WebSocket upgrade has the same shape.
+    """
 
     code: str | None
     message: str
     request_id: str | None
+
+    def redacted(self, *secrets: str | None) -> EnrollmentError:
+        """The same error with every secret replaced in each field (a server may echo the
+        key back in any of them)."""
+        return EnrollmentError(
+            code=None if self.code is None else redact(self.code, *secrets),
+            message=redact(self.message, *secrets),
+            request_id=None if self.request_id is None else redact(self.request_id, *secrets),
+        )
 
 
 def _output(body: Any) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 
 from .audio import PCM16, SinkStats, first_voiced_index
+from .protocol import Tally
 
 __all__ = [
     "AcquireInfo",
@@ -149,9 +150,9 @@ class Recorder:
         self.first_voiced_at: float | None = None
         self.first_voiced_sample: int | None = None
         self.samples = 0
-        self.deltas = 0
-        self.responses = 0
-        self.billed = 0
+        # Responses finished and characters billed over every session of the utterance (a
+        # retry's too: the service bills them); deltas of the audio that counts.
+        self.tally = Tally()
         self.retries = 0
         self.resumes = 0
         self.lost_chars = 0
@@ -177,9 +178,20 @@ class Recorder:
             self.response_created_at = now
         self._in_response_last = None
 
+    @property
+    def deltas(self) -> int:
+        return self.tally.deltas
+
+    @property
+    def responses(self) -> int:
+        return self.tally.responses
+
+    @property
+    def billed(self) -> int:
+        return self.tally.billed_characters
+
     def response_done(self, characters: int | None) -> None:
-        self.responses += 1
-        self.billed += characters or 0
+        self.tally.response_done(characters)
         self._in_response_last = None
 
     def delta(self, now: float, samples: PCM16, *, server_sent_at: float | None = None) -> None:
@@ -198,7 +210,7 @@ class Recorder:
         self._in_response_last = now
         self.last_delta_at = now
         self.samples += int(samples.shape[0])
-        self.deltas += 1
+        self.tally.deltas += 1
         if server_sent_at is not None:
             lag = (now - server_sent_at) * 1000.0
             self._lags[int(max(lag, 0.0) / _GAP_RES)] += 1
@@ -211,7 +223,7 @@ class Recorder:
         self.first_delta_at = self.last_delta_at = self.first_voiced_at = None
         self.response_created_at = None
         self.first_voiced_sample = None
-        self.samples = self.deltas = 0
+        self.samples = self.tally.deltas = 0
         self._in_response_last = None
 
     def snapshot(self, sinks: Mapping[str, SinkStats] | None = None) -> UtteranceMetrics:

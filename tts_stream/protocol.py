@@ -22,7 +22,7 @@ Robustness rules taken from the protocol notes (§5.3, §5.6, §6):
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ __all__ = [
     "SessionComplete",
     "SessionLost",
     "State",
+    "Tally",
 ]
 
 
@@ -150,6 +151,25 @@ class Ignored(Notification):
     why: str
 
 
+@dataclass(slots=True)
+class Tally:
+    """What responses counted: one session's (``ClientSession.tally``) or one utterance's
+    over all its sessions (``metrics.Recorder``). Billed characters are the sum of
+    ``usage.characters`` of the finished responses (protocol.md §5.12)."""
+
+    responses_started: int = 0
+    responses: int = 0  # finished (response.done of a response that was not retired)
+    deltas: int = 0
+    billed_characters: int = 0
+
+    def response_started(self) -> None:
+        self.responses_started += 1
+
+    def response_done(self, characters: int | None) -> None:
+        self.responses += 1
+        self.billed_characters += characters or 0
+
+
 _TEXT_STATES = (State.READY, State.STREAMING)
 _CONFIG_STATES = (State.CONNECTING, State.CREATED)
 _LIVE_STATES = (
@@ -178,16 +198,29 @@ class ClientSession:
         self.session_id: str | None = None
         self.effective: dict[str, Any] = {}
         self.current_response: str | None = None
-        self.responses_started = 0
-        self.responses_done = 0
-        self.deltas = 0
-        self.billed_characters = 0
+        self.tally = Tally()  # this session's responses, deltas and billed characters
         self.error: ServerFailure | None = None
         self._retired: set[str] = set()
         self._anon = 0
         self._finished_seen = False
 
     # --- queries ------------------------------------------------------------------------------
+
+    @property
+    def responses_started(self) -> int:
+        return self.tally.responses_started
+
+    @property
+    def responses_done(self) -> int:
+        return self.tally.responses
+
+    @property
+    def deltas(self) -> int:
+        return self.tally.deltas
+
+    @property
+    def billed_characters(self) -> int:
+        return self.tally.billed_characters
 
     @property
     def complete(self) -> bool:
@@ -264,45 +297,46 @@ class ClientSession:
             return [self._on_delta(event)]
         if not self.live:
             return [Ignored(event.type, f"session is {self.state.name}")]
-        if isinstance(event, m.SessionCreated):
-            sid = event.session.get("id")
-            self.session_id = sid if isinstance(sid, str) else self.session_id
-            if self.state is State.CONNECTING:
-                self.state = State.CREATED
-            return [Created(event.session)]
-        if isinstance(event, m.SessionUpdated):
-            self.effective = dict(event.session)
-            if self.state is State.CONFIGURING:
-                self.state = State.READY
-                return [Configured(event.session)]
-            return [Ignored(event.type, f"unexpected in {self.state.name}")]
-        if isinstance(event, m.ResponseCreated):
-            rid = event.response_id or self._anonymous_id()
-            self.current_response = rid
-            self.responses_started += 1
-            return [ResponseStarted(rid)]
-        if isinstance(event, m.ResponseDone):
-            rid = event.response_id or self.current_response or ""
-            if rid == self.current_response or not event.response_id:
-                self.current_response = None
-            if rid in self._retired:
-                return [Ignored(event.type, "retired response")]
-            self.responses_done += 1
-            chars = event.characters
-            self.billed_characters += chars or 0
-            return [ResponseFinished(rid, event.status, chars)]
-        if isinstance(event, m.InputTextBufferCommitted):
-            return [BufferCommitted()]
-        if isinstance(event, m.InputTextBufferCleared):
-            return [BufferCleared()]
-        if isinstance(event, m.SessionFinished):
-            self.state = State.FINISHED
-            self._finished_seen = True
+        handler = _HANDLERS.get(type(event))
+        if handler is None:
+            return [Ignored(event.type, "no state change")]
+        return [handler(self, event)]
+
+    def _on_session_created(self, event: m.SessionCreated) -> Notification:
+        sid = event.session.get("id")
+        self.session_id = sid if isinstance(sid, str) else self.session_id
+        if self.state is State.CONNECTING:
+            self.state = State.CREATED
+        return Created(event.session)
+
+    def _on_session_updated(self, event: m.SessionUpdated) -> Notification:
+        self.effective = dict(event.session)
+        if self.state is State.CONFIGURING:
+            self.state = State.READY
+            return Configured(event.session)
+        return Ignored(event.type, f"unexpected in {self.state.name}")
+
+    def _on_response_created(self, event: m.ResponseCreated) -> Notification:
+        rid = event.response_id or self._anonymous_id()
+        self.current_response = rid
+        self.tally.response_started()
+        return ResponseStarted(rid)
+
+    def _on_response_done(self, event: m.ResponseDone) -> Notification:
+        rid = event.response_id or self.current_response or ""
+        if rid == self.current_response or not event.response_id:
             self.current_response = None
-            return [SessionComplete()]
-        if isinstance(event, m.Error):
-            return [self._on_error(event)]
-        return [Ignored(event.type, "no state change")]
+        if rid in self._retired:
+            return Ignored(event.type, "retired response")
+        chars = event.characters
+        self.tally.response_done(chars)
+        return ResponseFinished(rid, event.status, chars)
+
+    def _on_session_finished(self, event: m.SessionFinished) -> Notification:
+        self.state = State.FINISHED
+        self._finished_seen = True
+        self.current_response = None
+        return SessionComplete()
 
     def _anonymous_id(self) -> str:
         self._anon += 1
@@ -316,10 +350,10 @@ class ClientSession:
             # A delta with neither a response id nor a response.created before it: tolerate
             # (optional ids, §5.5) by opening an anonymous response.
             rid = self.current_response = self._anonymous_id()
-            self.responses_started += 1
+            self.tally.response_started()
         if rid in self._retired:
             return Ignored(event.type, "retired response")
-        self.deltas += 1
+        self.tally.deltas += 1
         return AudioReceived(rid, event.delta, event.extra)
 
     def _on_error(self, event: m.Error) -> ServerFailure:
@@ -340,3 +374,20 @@ class ClientSession:
         if was is State.FINISHED or was is State.CLOSED:
             return []
         return [SessionLost(code, reason, after_finish=was is State.FINISHING)]
+
+
+def _constant(note: Notification) -> Callable[[ClientSession, m.ServerEvent], Notification]:
+    return lambda _session, _event: note
+
+
+# The server events that change something here, by class (the delta is handled first).
+_HANDLERS: dict[type[m.ServerEvent], Callable[[ClientSession, Any], Notification]] = {
+    m.SessionCreated: ClientSession._on_session_created,
+    m.SessionUpdated: ClientSession._on_session_updated,
+    m.ResponseCreated: ClientSession._on_response_created,
+    m.ResponseDone: ClientSession._on_response_done,
+    m.InputTextBufferCommitted: _constant(BufferCommitted()),
+    m.InputTextBufferCleared: _constant(BufferCleared()),
+    m.SessionFinished: ClientSession._on_session_finished,
+    m.Error: ClientSession._on_error,
+}

@@ -1,0 +1,223 @@
+"""Micro-benchmark of the per-delta data path between the socket and the sinks.
+
+Measures, in-process and without a server, the cost per item of:
+
+* ``channel``: the reader → pump :class:`~tts_stream.channel.Channel` (``send_nowait`` +
+  ``receive_nowait``, and a producer/consumer pair that blocks on a full channel);
+* ``handle``: one ``response.audio.delta`` frame through the connection's parser, the
+  protocol machine and the base64 decoding (``Connection._handle``, the reader's work);
+* ``fanout``: ``Fanout.write`` of a 100 ms frame into (a) a sink taking ``write_nowait``
+  (idle lane, no queue), (b) an ``ArraySink`` read by a consumer task (the lane's queue and
+  task), (c) a drop-oldest lane nobody drains.
+
+Usage::
+
+    .venv/bin/python -m bench.hotpath                   # 5 repeats, medians, one JSON line
+    .venv/bin/python -m bench.hotpath --repeat 9 --loop uvloop
+
+The figures of each case are the median and the minimum over ``--repeat`` runs of the mean
+CPU time per item (``time.process_time``: the machine is shared, wall time would count other
+processes; the minimum is the least disturbed run); the load (``os.getloadavg``) is recorded
+with them. Only public APIs, except ``Connection._handle``
+(the reader's per-frame step has no public entry without a socket).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import orjson
+
+from sinks import ArraySink
+from tts_stream.audio import AudioFormat, Frame, SinkStats
+from tts_stream.channel import Channel
+from tts_stream.config import Endpoint
+from tts_stream.connection import Connection
+from tts_stream.fanout import Fanout, Policy
+
+__all__ = ["main"]
+
+FMT = AudioFormat(24000)
+SAMPLES = 2400  # a 100 ms delta at 24 kHz
+
+
+class NowaitSink:
+    """A sink that takes every frame without waiting (like bench.concurrency's TimingSink)."""
+
+    def __init__(self, name: str = "nowait") -> None:
+        self.name = name
+        self.samples = 0
+
+    async def open(self, fmt: AudioFormat) -> None:
+        return None
+
+    async def write(self, frame: Frame) -> None:
+        self.write_nowait(frame)
+
+    def write_nowait(self, frame: Frame) -> bool:
+        self.samples += len(frame)
+        return True
+
+    async def drain(self) -> None:
+        return None
+
+    async def interrupt(self) -> int:
+        return self.samples
+
+    async def aclose(self) -> None:
+        return None
+
+    def stats(self) -> SinkStats:
+        return SinkStats(self.name, self.samples, self.samples)
+
+
+async def bench_channel_nowait(n: int) -> float:
+    ch = Channel[int](64)
+    t0 = time.process_time()
+    for i in range(n):
+        ch.send_nowait(i)
+        ch.receive_nowait()
+    return (time.process_time() - t0) / n
+
+
+async def bench_channel_blocking(n: int) -> float:
+    ch = Channel[int](64)
+
+    async def produce() -> None:
+        for i in range(n):
+            await ch.send(i)
+        ch.close_send()
+
+    t0 = time.process_time()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(produce())
+        async for _ in ch:
+            pass
+    return (time.process_time() - t0) / n
+
+
+def _delta_frame() -> str:
+    pcm = (np.sin(np.arange(SAMPLES) / 7.0) * 8000).astype("<i2").tobytes()
+    event = {
+        "event_id": "event_1", "type": "response.audio.delta", "response_id": "resp_1",
+        "item_id": "item_1", "output_index": 0, "content_index": 0,
+        "delta": base64.b64encode(pcm).decode(),
+    }  # fmt: skip
+    return orjson.dumps(event).decode()
+
+
+async def bench_handle(n: int) -> float:
+    endpoint = Endpoint.resolve(base_url="http://127.0.0.1:1", api_key="sk-bench-0123456789")
+    conn = Connection(endpoint, model="m", session={"voice": "v"})
+    raw = _delta_frame()
+    handle = conn._handle  # the reader's per-frame step
+    t0 = time.process_time()
+    for _ in range(n):
+        handle(raw)
+    return (time.process_time() - t0) / n
+
+
+def _frames(n: int) -> list[Frame]:
+    block = np.zeros(SAMPLES, np.int16)
+    return [Frame(block, i * SAMPLES, "r") for i in range(n)]
+
+
+async def bench_fanout_nowait(n: int) -> float:
+    frames = _frames(n)
+    async with Fanout([NowaitSink()], FMT) as fan:
+        t0 = time.process_time()
+        for f in frames:
+            await fan.write(f)
+        return (time.process_time() - t0) / n
+
+
+async def bench_fanout_array(n: int) -> float:
+    frames = _frames(n)
+    sink = ArraySink(max_blocks=4)
+
+    async def consume() -> None:
+        async for _ in sink:
+            pass
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(consume())
+        async with Fanout([sink], FMT, max_buffered_ms=500) as fan:
+            t0 = time.process_time()
+            for f in frames:
+                await fan.write(f)
+            await fan.drain()
+            elapsed = time.process_time() - t0
+    return elapsed / n
+
+
+async def bench_fanout_lossy(n: int) -> float:
+    frames = _frames(n)
+    sink = ArraySink(max_blocks=1, name="monitor")  # full at once: the lane drops
+    async with Fanout(
+        [sink], FMT, policies={"monitor": Policy.DROP_OLDEST}, lossy_buffered_ms=300
+    ) as fan:
+        t0 = time.process_time()
+        for f in frames:
+            await fan.write(f)
+        elapsed = time.process_time() - t0
+        await fan.interrupt()
+    return elapsed / n
+
+
+CASES: dict[str, tuple[Callable[[int], Awaitable[float]], int]] = {
+    "channel_nowait": (bench_channel_nowait, 200_000),
+    "channel_blocking": (bench_channel_blocking, 100_000),
+    "handle_delta": (bench_handle, 20_000),
+    "fanout_nowait": (bench_fanout_nowait, 50_000),
+    "fanout_array": (bench_fanout_array, 20_000),
+    "fanout_lossy": (bench_fanout_lossy, 50_000),
+}
+
+
+async def run(repeat: int, only: list[str]) -> dict[str, tuple[float, float]]:
+    """Per case: (median, min) over ``repeat`` runs of the CPU time per item, in ns."""
+    out: dict[str, tuple[float, float]] = {}
+    for name, (fn, n) in CASES.items():
+        if only and name not in only:
+            continue
+        await fn(n // 10)  # warm-up
+        runs = [await fn(n) for _ in range(repeat)]
+        out[name] = (statistics.median(runs) * 1e9, min(runs) * 1e9)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    ap.add_argument("--only", default="", help="comma-separated case names")
+    args = ap.parse_args(argv)
+    only = [c for c in args.only.split(",") if c]
+    load_before = os.getloadavg()
+    if args.loop == "uvloop":
+        import uvloop
+
+        result = uvloop.run(run(args.repeat, only))
+    else:
+        result = asyncio.run(run(args.repeat, only))
+    record = {
+        "median_ns": {k: round(v[0], 1) for k, v in result.items()},
+        "min_ns": {k: round(v[1], 1) for k, v in result.items()},
+        "repeat": args.repeat,
+        "loop": args.loop,
+        "load": [load_before, os.getloadavg()],
+    }
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
