@@ -69,6 +69,7 @@ __all__ = [
     "billable_characters",
     "create_voice_request",
     "delete_voice_request",
+    "dumpb",
     "dumps",
     "list_voices_request",
     "new_event_id",
@@ -602,3 +603,11 @@ def parse_enrollment_error(body: Any, *, request_id: str | None = None) -> Enrol
         message=str(message),
         request_id=_opt(body, "request_id", str) or request_id,
     )
+
+
+# --- the server's side (server/session.py) ------------------------------------------------------
+
+
+def dumpb(event: Event) -> bytes:
+    """:func:`dumps` as the bytes of the frame (what a server writes to its socket)."""
+    return orjson.dumps(to_dict(event))
