@@ -189,12 +189,14 @@ def _payload_fields(cls: builtins.type[Event]) -> tuple[dataclasses.Field[Any], 
 def to_dict(event: Event) -> dict[str, Any]:
     """The JSON object of ``event``: ``type``, ``event_id``, the fields, then ``extra``."""
     out: dict[str, Any] = {"event_id": event.event_id, "type": event.type}
-    for f in _payload_fields(type(event)):
-        if f.name not in ("event_id", "type_name"):
-            value = getattr(event, f.name)
+    for spec in _field_specs(type(event)):  # cached per class: the server encodes every event
+        name = spec[0]
+        if name not in ("event_id", "type_name"):
+            value = getattr(event, name)
             if value is not None:
-                out[f.name] = value
-    out.update(event.extra)
+                out[name] = value
+    if event.extra:
+        out.update(event.extra)
     return out
 
 

@@ -289,7 +289,7 @@ class Session:
         except (ConnectionError, _SessionOver):
             pass
         finally:
-            self.machine.state = SessionState.CLOSED
+            self.machine.close()
 
     async def shutdown(self) -> None:
         """Close with 1001 (server going away)."""
@@ -394,9 +394,11 @@ class Session:
         except ProtocolViolation as exc:
             await self._send_event(self.machine.malformed(str(exc)))
             return
-        if self.machine.refusal(event) is None and await self._fault_replaces(event):
-            return
-        await self._emit(self.machine.receive(event, self.loop.time()))
+        refused = self.machine.refusal(event)
+        if refused is not None:
+            await self._send_event(refused)
+        elif not await self._fault_replaces(event):
+            await self._emit(self.machine.receive(event, self.loop.time()))
 
     async def _fault_replaces(self, event: ClientEvent | UnknownEvent) -> bool:
         """True when a fault knob takes the place of ``event``'s own handling."""

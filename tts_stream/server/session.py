@@ -595,8 +595,13 @@ class ServerSession(Generic[V]):
 
     def finished(self) -> list[Output]:
         """After the last queued response of a finished session: the terminal event."""
-        self.state = SessionState.CLOSED
+        self.close()
         return [SessionFinished(event_id=self._eid()), Close(1000)]
+
+    def close(self) -> None:
+        """The socket is gone (any reason): nothing more happens in this session."""
+        self.state = SessionState.CLOSED
+        self.response = None
 
     def _eid(self) -> str:
         return "event_" + self.ids.next().decode()
