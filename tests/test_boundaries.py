@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PURE = ("messages", "protocol", "audio", "ledger", "resume", "meter", "telephony/sip",
-        "telephony/sdp", "telephony/ua", "telephony/dtmf")  # fmt: skip
+        "telephony/sdp", "telephony/ua", "telephony/dtmf", "server/session")  # fmt: skip
 CLIENT = ("protocol", "connection", "pool", "speech", "fanout", "engine", "enrollment", "config",
           "metrics", "channel")  # fmt: skip
 

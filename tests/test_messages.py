@@ -229,3 +229,21 @@ def test_enrollment_error_is_liberal() -> None:
 def test_event_ids_look_like_the_sdks() -> None:
     a, b = m.new_event_id(), m.new_event_id()
     assert a != b and a.startswith("event_") and len(a) == 6 + 32
+
+
+# --- the server's side (server/session.py) -------------------------------------------------------
+
+
+def test_dumpb_is_the_frame_of_dumps_as_bytes() -> None:
+    done = m.ResponseDone(event_id="event_1", response={"id": "r", "usage": {"characters": 3}},
+                          extra={"x_more": [1]})  # fmt: skip
+    frame = m.dumpb(done)
+    assert isinstance(frame, bytes) and frame == m.dumps(done).encode()
+    assert frame == (
+        b'{"event_id":"event_1","type":"response.done",'
+        b'"response":{"id":"r","usage":{"characters":3}},"x_more":[1]}'
+    )
+    assert m.parse_server_event(frame) == done
+    assert m.dumpb(m.InputTextBufferCommitted(event_id="e")) == (
+        b'{"event_id":"e","type":"input_text_buffer.committed"}'  # None fields are left out
+    )

@@ -69,6 +69,7 @@ __all__ = [
     "billable_characters",
     "create_voice_request",
     "delete_voice_request",
+    "dumpb",
     "dumps",
     "list_voices_request",
     "load_event_object",
@@ -190,12 +191,14 @@ def _payload_fields(cls: builtins.type[Event]) -> tuple[dataclasses.Field[Any], 
 def to_dict(event: Event) -> dict[str, Any]:
     """The JSON object of ``event``: ``type``, ``event_id``, the fields, then ``extra``."""
     out: dict[str, Any] = {"event_id": event.event_id, "type": event.type}
-    for f in _payload_fields(type(event)):
-        if f.name not in ("event_id", "type_name"):
-            value = getattr(event, f.name)
+    for spec in _field_specs(type(event)):  # cached per class: the server encodes every event
+        name = spec[0]
+        if name not in ("event_id", "type_name"):
+            value = getattr(event, name)
             if value is not None:
-                out[f.name] = value
-    out.update(event.extra)
+                out[name] = value
+    if event.extra:
+        out.update(event.extra)
     return out
 
 
@@ -623,3 +626,11 @@ def parse_enrollment_error(body: Any, *, request_id: str | None = None) -> Enrol
         message=str(message),
         request_id=_opt(body, "request_id", str) or request_id,
     )
+
+
+# --- the server's side (server/session.py) ------------------------------------------------------
+
+
+def dumpb(event: Event) -> bytes:
+    """:func:`dumps` as the bytes of the frame (what a server writes to its socket)."""
+    return orjson.dumps(to_dict(event))

@@ -148,6 +148,22 @@ def _prepare_store(data_dir: Path) -> Path:
     return db
 
 
+def _check_options(
+    rt: RealtimeConfig, enrollment: EnrollmentConfig, max_connections: int, header_timeout_s: float
+) -> None:
+    """The :class:`LocalServer` options that are out of range, as a :class:`UsageError`."""
+    if rt.pacing not in ("burst", "realtime"):
+        raise UsageError(f"pacing must be 'burst' or 'realtime', not {rt.pacing!r}")
+    if rt.cancel not in ("error", "truncate"):
+        raise UsageError(f"cancel must be 'error' or 'truncate', not {rt.cancel!r}")
+    if rt.delta_ms <= 0:
+        raise UsageError("delta_ms must be positive")
+    if min(max_connections, enrollment.max_inspections, enrollment.max_uploads) < 1:
+        raise UsageError("max_connections, max_inspections and max_uploads must be >= 1")
+    if min(header_timeout_s, enrollment.body_timeout_s) <= 0:
+        raise UsageError("header_timeout_s and body_timeout_s must be positive")
+
+
 class LocalServer:
     """The local server as an async context manager (see the module docstring).
 
@@ -190,22 +206,6 @@ class LocalServer:
         max_inspections: int = 2,
         max_uploads: int = 4,
     ) -> None:
-        if pacing not in ("burst", "realtime"):
-            raise UsageError(f"pacing must be 'burst' or 'realtime', not {pacing!r}")
-        if cancel not in ("error", "truncate"):
-            raise UsageError(f"cancel must be 'error' or 'truncate', not {cancel!r}")
-        if delta_ms <= 0:
-            raise UsageError("delta_ms must be positive")
-        if min(max_connections, max_inspections, max_uploads) < 1:
-            raise UsageError("max_connections, max_inspections and max_uploads must be >= 1")
-        if min(header_timeout_s, body_timeout_s) <= 0:
-            raise UsageError("header_timeout_s and body_timeout_s must be positive")
-        self.host = host
-        self._port = port
-        self._backend = backend
-        self._synthesizer = synthesizer
-        self._data_dir_opt = Path(data_dir) if data_dir is not None else None
-        self.api_key = api_key or "sk-local-" + secrets.token_hex(16)
         self._realtime = RealtimeConfig(
             pacing=pacing, delta_ms=delta_ms, cut_punctuation=cut_punctuation,
             cut_max_chars=cut_max_chars, cut_idle_s=cut_idle_s, cancel=cancel,
@@ -215,6 +215,13 @@ class LocalServer:
             quota=quota, retention_s=retention_days * _DAY, body_timeout_s=body_timeout_s,
             max_inspections=max_inspections, max_uploads=max_uploads,
         )  # fmt: skip
+        _check_options(self._realtime, self._enrollment, max_connections, header_timeout_s)
+        self.host = host
+        self._port = port
+        self._backend = backend
+        self._synthesizer = synthesizer
+        self._data_dir_opt = Path(data_dir) if data_dir is not None else None
+        self.api_key = api_key or "sk-local-" + secrets.token_hex(16)
         self._clock = clock
         self._backlog = backlog
         self._max_connections = max_connections
@@ -436,22 +443,10 @@ def run_serve(
             print(f"api key in {key_file}", flush=True)  # noqa: T201
         print(f"speaking with the {backend} backend", flush=True)  # noqa: T201
 
-    async def main() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await serve(host=host, port=port, backend=backend, data_dir=directory,
-                        api_key=key, ready=ready, pacing=pacing,
-                        metrics_port=metrics_port)  # fmt: skip
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-
     try:
-        asyncio.run(main())
+        asyncio.run(_until_signalled(host=host, port=port, backend=backend, data_dir=directory,
+                                     api_key=key, ready=ready, pacing=pacing,
+                                     metrics_port=metrics_port))  # fmt: skip
     except asyncio.CancelledError:
         pass
     except UsageError as exc:  # e.g. a data directory that is not private
@@ -464,6 +459,20 @@ def run_serve(
         print(f"tts-stream: error: {msg}", file=sys.stderr)  # noqa: T201 - the CLI boundary
         return 1
     return 0
+
+
+async def _until_signalled(**options: Any) -> None:
+    """:func:`serve` until SIGINT or SIGTERM cancels it."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await serve(**options)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def _read_or_create_key(key_file: Path) -> str:

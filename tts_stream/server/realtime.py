@@ -1,14 +1,16 @@
 """The local server's realtime endpoint: ``GET /api-ws/v1/realtime?model=M`` (protocol.md §5).
 
-Role: one :class:`Session` per WebSocket. The handler coroutine reads client events; a worker
-task (same TaskGroup) synthesizes committed segments one response at a time, so text can be
-appended while audio streams. No thread per session: synthesis backends are async
-iterators (espeak hops to a worker thread per clause, the tone backend is pure numpy).
+Role: the driver of one :class:`Session` per WebSocket. The handler coroutine reads client
+frames and feeds them to the session's rules (:class:`~tts_stream.server.session.ServerSession`,
+pure); a worker task (same TaskGroup) synthesizes the segments it cuts one response at a time,
+so text can be appended while audio streams. No thread per session: synthesis backends are
+async iterators (espeak hops to a worker thread per clause, the tone backend is pure numpy).
 
-Boundary: aiohttp WebSocket I/O in, events built here, voice lookups through
-:class:`~tts_stream.server.voices.VoiceStore`, PCM from a
-:class:`~tts_stream.server.synth.Synthesizer`. Faults come from a
-:class:`~tts_stream.server.faults.FaultPlan` taken at the handshake.
+Boundary: aiohttp WebSocket I/O, the handshake, synthesis scheduling, audio encoding and
+pacing, and the fault knobs (a :class:`~tts_stream.server.faults.FaultPlan` taken at the
+handshake) live here; what to answer to which event lives in ``session.py``. Voice lookups go
+through :class:`~tts_stream.server.voices.VoiceStore`, PCM comes from a
+:class:`~tts_stream.server.synth.Synthesizer`.
 
 Choices where protocol.md leaves the behaviour open (§9):
 
@@ -49,38 +51,51 @@ Choices where protocol.md leaves the behaviour open (§9):
 from __future__ import annotations
 
 import asyncio
-import enum
+import dataclasses
 import logging
-import secrets
-import string
 import struct
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import orjson
 import pybase64
 from aiohttp import WSMsgType, web
 
+from ..audio import PCM16
 from ..errors import ProtocolViolation
 from ..messages import (
-    LANGUAGE_TYPES,
-    MODES,
-    RESPONSE_FORMATS,
-    SAMPLE_RATES,
-    VC_MODELS,
+    ClientEvent,
+    Error,
     InputTextBufferAppend,
-    SessionUpdate,
+    InputTextBufferCommitted,
+    ResponseDone,
+    ServerEvent,
+    SessionFinished,
     UnknownEvent,
-    billable_characters,
     parse_client_event,
+    to_dict,
 )
-from .encode import DEFAULT_BIT_RATE_KBPS, make_encoder
+from .encode import DEFAULT_BIT_RATE_KBPS, Encoder, make_encoder
 from .faults import Counters, FaultPlan, Faults
 from .likeness import SpeakerFeatures
+from .session import (
+    SYSTEM_VOICES,
+    Close,
+    DeltaFrames,
+    Failure,
+    Finish,
+    LookUpVoice,
+    Output,
+    RealtimeConfig,
+    Response,
+    ServerSession,
+    SessionState,
+    StopAudio,
+    Synthesize,
+)
 from .synth import SynthesisBusy, SynthesisError, Synthesizer, VoiceProfile
 from .voices import StoredVoice, VoiceStore
 
@@ -95,23 +110,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Built-in voices of the Qwen-TTS flash models: rejected by the VC models (§5.1, §5.9).
-SYSTEM_VOICES = frozenset(
-    v.lower()
-    for v in (
-        "Cherry", "Serena", "Ethan", "Chelsie", "Momo", "Vivian", "Moon", "Maia", "Kai",
-        "Nofish", "Bella", "Jennifer", "Ryan", "Katerina", "Aiden", "Eldric Sage", "Mia",
-        "Mochi", "Bellona", "Vincent", "Bunny", "Neil", "Elias", "Arthur", "Nini", "Ebona",
-        "Seren", "Pip", "Stella", "Dylan", "Jada", "Sunny", "Li", "Marcus", "Roy", "Peter",
-        "Rocky", "Kiki", "Eric",
-    )
-)  # fmt: skip
-
-_MSG_NOT_SUPPORTED = "The requested voice '{}' is not supported."
-_MSG_ENGINE_411 = "[qwen-tts:]Engine return error code: 411"
-_MSG_STARTED = "Session update error: session already started or finished or failed."
-_MSG_EMPTY = "Input text buffer is empty."
-_CANONICAL_LANG = {t.lower(): t for t in LANGUAGE_TYPES}
 _HANDSHAKE_ERRORS = {
     400: ("InvalidParameter",
           "Required parameter(model) missing or invalid, please check the request parameters."),
@@ -123,6 +121,16 @@ _HANDSHAKE_ERRORS = {
 }  # fmt: skip
 _WAV_UNKNOWN = 0xFFFFFFFF
 _TOUCH_EVERY_S = 60.0  # voice last-used bookkeeping: at most one write per session per minute
+# The client events ``error_event_at`` can replace (faults.py), by event type.
+_FAULT_STEPS = {
+    "session.update": "session.update",
+    "input_text_buffer.append": "append",
+    "input_text_buffer.commit": "commit",
+    "input_text_buffer.clear": "clear",
+    "session.finish": "finish",
+}
+
+_Job = Synthesize[StoredVoice] | Finish
 
 
 def handshake_error_body(status: int, request_id: str) -> dict[str, str]:
@@ -131,69 +139,14 @@ def handshake_error_body(status: int, request_id: str) -> dict[str, str]:
     return {"request_id": request_id, "code": code, "message": message}
 
 
-@dataclass(frozen=True, kw_only=True)
-class RealtimeConfig:
-    """Behaviour knobs of the realtime endpoint (see the module docstring)."""
-
-    pacing: Literal["burst", "realtime"] = "burst"
-    delta_ms: float = 100.0
-    cut_punctuation: str = "。！？!?；;.\n"
-    cut_max_chars: int = 120
-    cut_idle_s: float | None = 1.0
-    cancel: Literal["error", "truncate"] = "error"
-    session_timeout_s: float = 600.0
-    close_timeout_s: float = 5.0
-    max_pending_segments: int = 64
-    max_buffer_chars: int = 100_000
-    default_voice: str = "Cherry"
-    models: tuple[str, ...] = VC_MODELS
-
-
-class SessionState(enum.Enum):
-    OPEN = "open"  # configurable
-    STARTED = "started"  # a response was queued: session.update refused
-    FINISHING = "finishing"  # session.finish received
-    CLOSED = "closed"
-
-
-_B62 = (string.digits + string.ascii_letters).encode()
-
-
-class _Ids:
-    """OpenAI-style ids: ``prefix_`` + 21 base62 characters (§5.3).
-
-    13 random characters per session plus an 8-character counter: unique within the session,
-    opaque, and a few hundred nanoseconds per id on the delta hot path.
-    """
-
-    __slots__ = ("_n", "_stem")
-
-    def __init__(self) -> None:
-        self._stem = bytes(secrets.choice(_B62) for _ in range(13))
-        self._n = secrets.randbelow(62**7)
-
-    def next(self) -> bytes:
-        self._n += 1
-        n, out = self._n, bytearray(8)
-        for i in range(7, -1, -1):
-            n, r = divmod(n, 62)
-            out[i] = _B62[r]
-        return self._stem + bytes(out)
-
-    def make(self, prefix: str) -> str:
-        return prefix + self.next().decode()
-
-
-@dataclass(frozen=True)
-class _Segment:
-    text: str
-
-
-_FINISH = object()
-
-
 class _SessionOver(Exception):
     """Raised inside the worker when a fault or the peer ended the session."""
+
+
+class _CloseNow(_SessionOver):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code, self.reason = code, reason
 
 
 class RealtimeService:
@@ -277,7 +230,7 @@ class RealtimeService:
 
 
 class Session:
-    """One realtime WebSocket session (see the module docstring for the rules)."""
+    """The driver of one realtime WebSocket session (the rules are ``self.machine``'s)."""
 
     def __init__(
         self,
@@ -294,41 +247,34 @@ class Session:
         self.ws = ws
         self.request = request
         self.owner = owner
-        self.model = model
         self.plan = plan
-        self.ids = _Ids()
-        self.state = SessionState.OPEN
-        self.session_id = self.ids.make("sess_")
-        self.settings: dict[str, Any] = {
-            "voice": self.cfg.default_voice,
-            "mode": "server_commit",
-            "language_type": "Auto",
-            "response_format": "pcm",
-            "sample_rate": 24000,
-        }
-        self.extra_keys: list[str] = []  # keys the client set beyond the documented ones
-        self.voice: StoredVoice | None = None
-        self.parts: list[str] = []
-        self.buffered = 0
-        self.last_append = 0.0
-        self.queue: asyncio.Queue[object] = asyncio.Queue(self.cfg.max_pending_segments)
+        self.machine: ServerSession[StoredVoice] = ServerSession(model=model, config=self.cfg)
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue(self.cfg.max_pending_segments)
         self.deltas = 0
         self.stalled = False
         self.server_closing = False
-        self.responding = False
-        self.cancel_requested = False
+        self.cancelled: str | None = None  # the response whose audio response.cancel stopped
         self.error_fired = False
         self.last_touch = -1e18
         self.loop = asyncio.get_running_loop()
+
+    @property
+    def state(self) -> SessionState:
+        return self.machine.state
+
+    @property
+    def responding(self) -> bool:
+        """True while a response is being generated."""
+        return self.machine.responding
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def run(self) -> None:
         try:
-            await self._send_obj({"type": "session.created", "session": self._created_view()})
+            await self._send_event(self.machine.created())
             await self._maybe_inject("session.created")
-            if self.model not in self.cfg.models:
-                log.info("unknown model %r: closing after session.created", self.model)
+            if not self.machine.model_known:
+                log.info("unknown model %r: closing after session.created", self.machine.model)
                 await self._close(1000, "")
                 return
             async with asyncio.TaskGroup() as tg:
@@ -343,7 +289,7 @@ class Session:
         except (ConnectionError, _SessionOver):
             pass
         finally:
-            self.state = SessionState.CLOSED
+            self.machine.close()
 
     async def shutdown(self) -> None:
         """Close with 1001 (server going away)."""
@@ -377,71 +323,68 @@ class Session:
             return
         await self.ws.send_frame(data, WSMsgType.TEXT)
 
-    async def _send_obj(self, event: dict[str, Any]) -> None:
-        eid = "event_" + self.ids.next().decode()
-        await self._send_raw(orjson.dumps({"event_id": eid, **event}))
+    async def _send_event(self, event: ServerEvent) -> None:
+        counters = self.svc.counters
+        if isinstance(event, Error):
+            counters.errors_sent += 1
+        await self._send_raw(orjson.dumps(to_dict(event)))
+        if isinstance(event, ResponseDone):
+            counters.responses += 1
+        elif isinstance(event, SessionFinished):
+            counters.sessions_finished += 1
 
-    async def _send_error(
-        self,
-        code: str,
-        message: str,
-        *,
-        param: str | None = None,
-        client_event_id: str | None = None,
-        typed: bool = True,
-    ) -> None:
-        err: dict[str, Any] = {}
-        if typed:
-            err["type"] = "invalid_request_error"
-        err["code"] = code
-        err["message"] = message
-        if param is not None:
-            err["param"] = param
-        if client_event_id:
-            err["event_id"] = client_event_id
-        self.svc.counters.errors_sent += 1
-        await self._send_obj({"type": "error", "error": err})
+    async def _emit(self, outputs: Iterable[Output]) -> None:
+        """Send the machine's events and carry out its commands, in order."""
+        for out in outputs:
+            if isinstance(out, ServerEvent):
+                await self._send_event(out)
+            elif isinstance(out, Synthesize | Finish):
+                await self.queue.put(out)  # bounded: a full queue holds the reader back
+            elif isinstance(out, LookUpVoice):
+                voice = self.svc.store.get(self.owner, out.name, now=self.svc.clock())
+                await self._emit(self.machine.voice_found(voice))
+            elif isinstance(out, StopAudio):
+                self.cancelled = out.response_id
+            elif isinstance(out, Close):
+                await self._close(out.code, out.reason)
+                raise _SessionOver
 
     async def _maybe_inject(self, step: str) -> bool:
         """Send the injected error for ``step`` if the plan says so; True if it replaced it."""
         if self.error_fired or self.plan.error_event_at != step:
             return False
         self.error_fired = True
-        await self._send_error(self.plan.error_code, self.plan.error_message, typed=False)
-        if self.plan.error_close_code is not None:
-            await self._close(self.plan.error_close_code, "fault injected")
+        plan = self.plan
+        await self._send_event(self.machine.error(plan.error_code, plan.error_message,
+                                                  typed=False))  # fmt: skip
+        if plan.error_close_code is not None:
+            await self._close(plan.error_close_code, "fault injected")
             raise _SessionOver
         return True
 
     # --- reading --------------------------------------------------------------------------------
 
     async def _read(self) -> None:
-        cfg = self.cfg
+        machine = self.machine
         while True:
-            timeout = cfg.session_timeout_s
-            idle_cut = (
-                cfg.cut_idle_s is not None
-                and self.buffered
-                and self.settings["mode"] == "server_commit"
-                and self.state is not SessionState.FINISHING
-            )
-            if idle_cut:
-                assert cfg.cut_idle_s is not None
-                timeout = max(0.001, self.last_append + cfg.cut_idle_s - self.loop.time())
+            due = machine.idle_cut_at()
+            timeout = self.cfg.session_timeout_s
+            if due is not None:
+                timeout = max(0.001, due - self.loop.time())
             try:
                 msg = await self.ws.receive(timeout=timeout)
             except TimeoutError:
-                if idle_cut:
-                    await self._cut()
+                if due is not None:
+                    await self._emit(machine.idle())
                     continue
-                log.info("session %s idle for %.0f s: closing", self.session_id, timeout)
+                log.info("session %s idle for %.0f s: closing", machine.session_id, timeout)
                 await self._close(1000, "idle timeout")
                 return
             if msg.type is WSMsgType.TEXT:
                 self.svc.counters.client_events += 1
                 await self._on_frame(msg.data)
             elif msg.type is WSMsgType.BINARY:
-                await self._send_error("invalid_value", "Binary frames are not supported.")
+                await self._send_event(machine.binary_frame())
             else:  # CLOSE, CLOSING, CLOSED, ERROR
                 return
 
@@ -449,144 +392,24 @@ class Session:
         try:
             event = parse_client_event(data)
         except ProtocolViolation as exc:
-            await self._send_error("invalid_value", f"Invalid event: {exc}")
+            await self._send_event(self.machine.malformed(str(exc)))
             return
-        eid = event.event_id
-        kind = event.type
-        if isinstance(event, UnknownEvent) or (
-            kind == "response.cancel" and self.cfg.cancel == "error"
-        ):
-            await self._send_error(
-                "invalid_value", f"Unsupported event type: '{kind}'.", client_event_id=eid
-            )
-            return
-        if self.state is SessionState.FINISHING:
-            await self._send_error(
-                "invalid_value", "Session is finishing: no more events accepted.",
-                client_event_id=eid,
-            )  # fmt: skip
-            return
-        if isinstance(event, SessionUpdate):
-            if not await self._maybe_inject("session.update"):
-                await self._on_update(event.session, eid)
-        elif isinstance(event, InputTextBufferAppend):
-            if not await self._maybe_inject("append"):
-                await self._on_append(event.text, eid)
-        elif kind == "input_text_buffer.commit":
-            if not await self._maybe_inject("commit"):
-                if not self.buffered:
-                    await self._send_error("invalid_value", _MSG_EMPTY, client_event_id=eid)
-                else:
-                    await self._cut()
-        elif kind == "input_text_buffer.clear":
-            if not await self._maybe_inject("clear"):
-                self.parts.clear()
-                self.buffered = 0
-                await self._send_obj({"type": "input_text_buffer.cleared"})
-        elif kind == "session.finish":
-            if not await self._maybe_inject("finish"):
-                if self.buffered:
-                    await self._cut()
-                self.state = SessionState.FINISHING
-                await self.queue.put(_FINISH)
-        elif kind == "response.cancel":
-            if self.responding:
-                self.cancel_requested = True
-            else:
-                await self._send_error(
-                    "invalid_value", "Cancellation failed: no active response found.",
-                    client_event_id=eid,
-                )  # fmt: skip
+        refused = self.machine.refusal(event)
+        if refused is not None:
+            await self._send_event(refused)
+        elif not await self._fault_replaces(event):
+            await self._emit(self.machine.receive(event, self.loop.time()))
 
-    async def _on_append(self, text: str, eid: str) -> None:
-        if not text or (self.plan.ignore_appends_during_response and self.responding):
-            return
-        if self.buffered + len(text) > self.cfg.max_buffer_chars:
-            await self._send_error(
-                "invalid_value",
-                f"Input text buffer is full ({self.cfg.max_buffer_chars} characters).",
-                client_event_id=eid,
-            )
-            return
-        self.parts.append(text)
-        self.buffered += len(text)
-        self.last_append = self.loop.time()
-        if self.settings["mode"] == "server_commit" and (
-            text[-1] in self.cfg.cut_punctuation or self.buffered >= self.cfg.cut_max_chars
-        ):
-            await self._cut()
-
-    async def _cut(self) -> None:
-        """Turn the buffer into a segment for the worker."""
-        text = "".join(self.parts)
-        self.parts.clear()
-        self.buffered = 0
-        if self.voice is None:
-            # No cloned voice configured: what the VC models answer for a system voice (§5.9).
-            await self._send_error("invalid_value", _MSG_ENGINE_411, param="session.voice")
-            return
-        self.state = SessionState.STARTED
-        await self.queue.put(_Segment(text))
-
-    async def _on_update(self, upd: dict[str, Any], eid: str) -> None:
-        if self.state is not SessionState.OPEN:
-            await self._send_error("invalid_value", _MSG_STARTED, client_event_id=eid)
-            return
-        new = dict(self.settings)
-        for key, value in upd.items():
-            problem = _check_setting(key, value)
-            if problem is not None:
-                message, param = problem
-                await self._send_error("invalid_value", message, param=param, client_event_id=eid)
-                return
-            if key == "model":
-                continue  # sent by some clients; the URL's model rules
-            if key == "language_type":
-                value = _CANONICAL_LANG[value.lower()]
-            new[key] = value
-        voice = self.voice
-        if "voice" in upd:
-            name = upd["voice"]
-            if name.lower() in SYSTEM_VOICES:
-                await self._send_error(
-                    "invalid_value", _MSG_ENGINE_411, param="session.voice", client_event_id=eid
-                )
-                return
-            voice = self.svc.store.get(self.owner, name, now=self.svc.clock())
-            if voice is None or voice.target_model != self.model:
-                await self._send_error(
-                    "invalid_value", _MSG_NOT_SUPPORTED.format(name), param="session.voice",
-                    client_event_id=eid,
-                )  # fmt: skip
-                return
-        self.voice = voice
-        for key in upd:
-            if key not in _DOCUMENTED_KEYS and key != "model" and key not in self.extra_keys:
-                self.extra_keys.append(key)
-        self.settings = new
-        await self._send_obj({"type": "session.updated", "session": self._updated_view()})
-
-    def _created_view(self) -> dict[str, Any]:
-        s = self.settings
-        return {
-            "object": "realtime.session",
-            "mode": s["mode"],
-            "model": self.model,
-            "voice": s["voice"],
-            "response_format": s["response_format"],
-            "sample_rate": s["sample_rate"],
-            "id": self.session_id,
-        }
-
-    def _updated_view(self) -> dict[str, Any]:
-        s = self.settings
-        view: dict[str, Any] = {"id": self.session_id, "object": "realtime.session",
-                                "model": self.model}  # fmt: skip
-        for key in _DOCUMENTED_KEYS:
-            view[key] = s[key]
-        for key in self.extra_keys:
-            view[key] = s[key]
-        return view
+    async def _fault_replaces(self, event: ClientEvent | UnknownEvent) -> bool:
+        """True when a fault knob takes the place of ``event``'s own handling."""
+        step = _FAULT_STEPS.get(event.type)
+        if step is not None and await self._maybe_inject(step):
+            return True
+        return (
+            self.plan.ignore_appends_during_response
+            and isinstance(event, InputTextBufferAppend)
+            and self.machine.responding
+        )
 
     # --- the worker: one response at a time -----------------------------------------------------
 
@@ -595,215 +418,49 @@ class Session:
             while True:
                 try:
                     async with asyncio.timeout(self.cfg.session_timeout_s):
-                        item = await self.queue.get()
+                        job = await self.queue.get()
                 except TimeoutError:
                     continue  # the reader owns idle handling; just wait again
-                if item is _FINISH:
-                    await self._send_obj({"type": "session.finished"})
-                    self.svc.counters.sessions_finished += 1
-                    await self._close(1000, "")
+                if isinstance(job, Finish):
+                    await self._emit(self.machine.finished())
                     return
-                assert isinstance(item, _Segment)
-                await self._respond(item.text)
+                await self._respond(job)
         except _CloseNow as exc:
             await self._close(exc.code, exc.reason)
         except (ConnectionError, _SessionOver):
             # Dropped, stalled (the socket stays open and silent; the reader keeps reading
-            # until the client or a shutdown closes it), or the peer went away.
+            # until the client or a shutdown closes it), the peer went away, or closed.
             pass
 
-    async def _respond(self, text: str) -> None:
-        ids, plan = self.ids, self.plan
-        rid, iid = ids.make("resp_"), ids.make("item_")
-        voice = self.voice
-        assert voice is not None
-        vname = voice.name
+    async def _respond(self, job: Synthesize[StoredVoice]) -> None:
         now = self.svc.clock()
         if now - self.last_touch >= _TOUCH_EVERY_S:
             self.last_touch = now
-            self.svc.store.touch(self.owner, vname, now=now)
-        if not plan.omit_committed:
-            await self._send_obj({"type": "input_text_buffer.committed", "item_id": ""})
-            if plan.duplicate_committed:
-                await self._send_obj({"type": "input_text_buffer.committed", "item_id": ""})
-        await self._send_obj({"type": "response.created", "response": {
-            "id": rid, "object": "realtime.response", "conversation_id": "",
-            "status": "in_progress", "voice": vname, "output": []}})  # fmt: skip
-        await self._send_obj({"type": "response.output_item.added", "response_id": rid,
-            "output_index": 0, "item": {"id": iid, "object": "realtime.item", "type": "message",
-            "status": "in_progress", "role": "assistant", "content": []}})  # fmt: skip
-        part = {"type": "audio", "text": ""}
-        await self._send_obj({"type": "response.content_part.added", "response_id": rid,
-            "item_id": iid, "output_index": 0, "content_index": 0, "part": part})  # fmt: skip
-        self.responding = True
-        self.cancel_requested = False
-        failure: SynthesisError | None = None
+            self.svc.store.touch(self.owner, job.voice.name, now=now)
+        response = self.machine.start_response(job)
+        failure: Failure | None = None
         try:
-            completed = await self._stream_audio(text, rid, iid, voice)
-        except SynthesisError as exc:  # over capacity, or the engine failed: say so, then close
-            completed, failure = False, exc
-        finally:
-            self.responding = False
-        if failure is not None:
-            code = failure.code if isinstance(failure, SynthesisBusy) else "InternalError"
-            await self._send_error(code, str(failure), typed=False)
-        status = "failed" if failure else "completed" if completed else "incomplete"
-        refs = {"response_id": rid, "item_id": iid, "output_index": 0, "content_index": 0}
-        await self._send_obj({"type": "response.audio.done", **refs})
-        await self._send_obj({"type": "response.content_part.done", **refs, "part": part})
-        await self._send_obj({"type": "response.output_item.done", "response_id": rid,
-            "output_index": 0, "item": {"id": iid, "object": "realtime.item", "type": "message",
-            "status": status, "role": "assistant", "content": [part]}})  # fmt: skip
-        response: dict[str, Any] = {
-            "id": rid, "object": "realtime.response", "conversation_id": "", "status": status,
-            "modalities": ["text", "audio"], "voice": vname,
-            "output": [{"id": iid, "object": "realtime.item", "type": "message",
-                        "status": status, "role": "assistant",
-                        "content": [{"type": "audio", "transcript": ""}]}],
-            "usage": {"characters": billable_characters(text)},
-        }  # fmt: skip
-        if failure is not None:
-            response["status_details"] = {"type": "failed", "error": {"code": code}}
-        elif not completed:
-            response["status_details"] = {"type": "incomplete", "reason": "client_cancelled"}
-        await self._send_obj({"type": "response.done", "response": response})
-        self.svc.counters.responses += 1
-        if failure is not None:
-            raise _CloseNow(1013 if isinstance(failure, SynthesisBusy) else 1011, "synthesis")
+            await self._begin(response.events)
+            try:
+                completed = await _Audio(self, response).run()
+            except SynthesisError as exc:  # over capacity, or the engine failed: say so, close
+                completed, failure = False, _failure(exc)
+        except BaseException:
+            self.machine.abandon_response()
+            raise
+        await self._emit(self.machine.end_response(completed=completed, failure=failure))
 
-    async def _stream_audio(self, text: str, rid: str, iid: str, voice: StoredVoice) -> bool:
-        """Send the deltas of one response; False when it was cancelled."""
-        s, plan, counters = self.settings, self.plan, self.svc.counters
-        rate: int = s["sample_rate"]
-        delta_bytes = max(2, int(rate * self.cfg.delta_ms / 1000)) * 2
-        head = (
-            f'","type":"response.audio.delta","response_id":"{rid}","item_id":"{iid}",'
-            '"output_index":0,"content_index":0,'
-        ).encode()
-        realtime = self.cfg.pacing == "realtime"
-        interval = plan.delta_interval_s
-        error_delta = plan.error_delta
-        gain = s.get("volume", 50) / 50.0
-        pitch = voice.pitch_hz
-        if pitch is not None:
-            pitch *= float(s.get("pitch_rate", 1.0))
-        features = SpeakerFeatures.from_json(voice.features) if voice.features else None
-        if features is not None:  # the enrolled figures win over the rough pitch estimate
-            pitch = features.f0_median_hz * float(s.get("pitch_rate", 1.0))
-        profile = VoiceProfile(pitch_hz=pitch, speech_rate=float(s.get("speech_rate", 1.0)),
-                               features=features)  # fmt: skip
-        buf = bytearray()  # wire bytes not yet sent
-        fmt = s["response_format"]
-        if fmt == "wav":
-            buf += _wav_header(rate)
-        header_left = len(buf)
-        encoder = (
-            make_encoder(fmt, rate, int(s.get("bit_rate", DEFAULT_BIT_RATE_KBPS)))
-            if fmt in ("mp3", "opus")
-            else None
-        )
-        pcm = bytearray()  # encoded formats: PCM not yet given to the encoder
-        fed = 0  # encoded formats: PCM bytes encoded since the last delta
-        sent_bytes = 0  # audio bytes of this response already sent (pacing clock)
-        k = 0  # deltas of this response
-        t0 = 0.0
-        stream = self.svc.synthesizer.stream(
-            text, sample_rate=rate, language=s["language_type"], profile=profile
-        )
-        loop = self.loop
-
-        async def send(nbytes: int, audio_bytes: int | None = None) -> None:
-            """Send the first ``nbytes`` of ``buf`` as one delta, on schedule; it carries
-            ``audio_bytes`` of PCM (default: the bytes themselves, after any header)."""
-            nonlocal sent_bytes, k, t0, header_left
-            if self.deltas == 0:
-                self._after_delta(0)  # a count of 0 means: before the session's first audio
-            if k == 0:
-                if plan.first_audio_delay_s > 0:
-                    await asyncio.sleep(plan.first_audio_delay_s)
-                t0 = loop.time()
-            else:
-                # Absolute schedule (start + audio sent / rate), never a sum of sleeps.
-                target = t0 + (sent_bytes / 2 / rate if realtime else 0.0)
-                if interval > 0:
-                    target = max(target, t0 + k * interval)
-                delay = target - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            n = self.deltas + 1
-            if error_delta == n:
-                await self._maybe_inject(plan.error_event_at or "")
-            stamp = (
-                b'"x_sent_monotonic":' + repr(time.monotonic()).encode() + b","
-                if plan.stamp_deltas
-                else b""
-            )
-            # Encode straight from the buffer (no intermediate copy), then drop those bytes.
-            with memoryview(buf) as view, view[:nbytes] as piece:
-                encoded = pybase64.b64encode(piece)
-            del buf[:nbytes]
-            frame = b"".join((b'{"event_id":"event_', self.ids.next(), head, stamp,
-                              b'"delta":"', encoded, b'"}'))  # fmt: skip
-            await self._send_raw(frame)
-            audio = max(0, nbytes - header_left) if audio_bytes is None else audio_bytes
-            header_left = max(0, header_left - nbytes)
-            sent_bytes += audio
-            k += 1
-            self.deltas = n
-            counters.deltas_sent += 1
-            counters.audio_samples_sent += audio // 2
-            self._after_delta(n)
-
-        async def send_encoded(last: bool) -> None:
-            """Encode the PCM held back (whole deltas, or all of it when ``last``); send
-            what the encoder has ready as one delta (compressed deltas vary in size)."""
-            nonlocal fed
-            assert encoder is not None
-            while len(pcm) >= delta_bytes or (last and pcm):
-                n = min(delta_bytes, len(pcm))
-                buf.extend(encoder.encode(pcm[:n]))
-                del pcm[:n]
-                fed += n
-                if buf and not last:
-                    await send(len(buf), fed)
-                    fed = 0
-                if self.cancel_requested:
-                    return
-            if last:
-                buf.extend(encoder.flush())
-                if buf:
-                    await send(len(buf), fed)
-                    fed = 0
-
-        try:
-            async for chunk in stream:
-                if self.cancel_requested:
-                    return False
-                if gain != 1.0:
-                    chunk = np.clip(chunk * gain, -32768, 32767).astype(np.int16)
-                data = np.ascontiguousarray(chunk, dtype="<i2").data.cast("B")
-                if encoder is not None:
-                    pcm.extend(data)
-                    await send_encoded(last=False)
+    async def _begin(self, events: list[ServerEvent]) -> None:
+        """Send the events before the audio, with the ``committed`` fault knobs."""
+        plan = self.plan
+        for event in events:
+            if isinstance(event, InputTextBufferCommitted):
+                if plan.omit_committed:
                     continue
-                buf += data
-                while len(buf) >= delta_bytes:
-                    await send(delta_bytes)
-                    if self.cancel_requested:
-                        return False
-            if self.cancel_requested:
-                return False
-            if encoder is not None:
-                await send_encoded(last=True)
-            elif buf:
-                await send(len(buf))
-            return not self.cancel_requested
-        finally:
-            if encoder is not None:
-                encoder.close()
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+                if plan.duplicate_committed:
+                    twin = self.machine.ids.make("event_")
+                    await self._send_event(dataclasses.replace(event, event_id=twin))
+            await self._send_event(event)
 
     def _after_delta(self, n: int) -> None:
         """Apply the delta-count faults after the nth delta of the session."""
@@ -818,64 +475,160 @@ class Session:
             raise _SessionOver
 
 
-class _CloseNow(_SessionOver):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(code, reason)
-        self.code, self.reason = code, reason
+def _failure(exc: SynthesisError) -> Failure:
+    """The ``error`` and close code of a failed synthesis: 1013 when over capacity."""
+    if isinstance(exc, SynthesisBusy):
+        return Failure(exc.code, str(exc), 1013)
+    return Failure("InternalError", str(exc), 1011)
 
 
-_DOCUMENTED_KEYS = ("voice", "language_type", "mode", "response_format", "sample_rate")
-_RANGES: dict[str, tuple[float, float, bool]] = {
-    "speech_rate": (0.5, 2.0, False),
-    "pitch_rate": (0.5, 2.0, False),
-    "volume": (0, 100, True),
-    "bit_rate": (6, 510, True),
-}
+def _profile(voice: StoredVoice, settings: Any) -> VoiceProfile:
+    """The synthesis profile of ``voice`` under the session's pitch and speech rates."""
+    pitch_rate = float(settings.get("pitch_rate", 1.0))
+    pitch = voice.pitch_hz
+    if pitch is not None:
+        pitch *= pitch_rate
+    features = SpeakerFeatures.from_json(voice.features) if voice.features else None
+    if features is not None:  # the enrolled figures win over the rough pitch estimate
+        pitch = features.f0_median_hz * pitch_rate
+    return VoiceProfile(pitch_hz=pitch, speech_rate=float(settings.get("speech_rate", 1.0)),
+                        features=features)  # fmt: skip
 
 
-def _fmt_values(values: tuple[Any, ...]) -> str:
-    return ", ".join(f"'{v}'" for v in values)
+class _Audio:
+    """The deltas of one response: volume, format, pacing and the delta-count faults.
 
+    PCM goes out in deltas of ``delta_ms``; ``wav`` adds one streaming RIFF header in front;
+    ``mp3``/``opus`` feed whole deltas of PCM to the encoder and send what it has ready.
+    """
 
-def _check_setting(key: str, value: Any) -> tuple[str, str] | None:
-    """``(message, param)`` when ``session.<key> = value`` is not acceptable, else None."""
-    param = f"session.{key}"
-    if key == "voice":
-        if not isinstance(value, str) or not value:
-            return "Invalid value: voice must be a non-empty string.", param
-    elif key == "mode":
-        if value not in MODES:
-            return f"Invalid value: '{value}'. Supported values are: {_fmt_values(MODES)}.", param
-    elif key == "language_type":
-        if not isinstance(value, str) or value.lower() not in _CANONICAL_LANG:
-            return (
-                f"Invalid value: '{value}'. Supported values are: {_fmt_values(LANGUAGE_TYPES)}.",
-                param,
-            )
-    elif key == "response_format":
-        if value not in RESPONSE_FORMATS:
-            return (
-                f"Invalid value: '{value}'. Supported values are: {_fmt_values(RESPONSE_FORMATS)}.",
-                param,
-            )
-    elif key == "sample_rate":
-        if isinstance(value, bool) or value not in SAMPLE_RATES:
-            return (
-                f"Invalid value: '{value}'. Supported values are: {_fmt_values(SAMPLE_RATES)}.",
-                param,
-            )
-    elif key in _RANGES:
-        lo, hi, integral = _RANGES[key]
-        ok_type = isinstance(value, int) if integral else isinstance(value, int | float)
-        if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
-            return f"Invalid value: {value!r}. Supported range is [{lo:g}, {hi:g}].", param
-    elif key in ("enable_tn", "optimize_instructions"):
-        if not isinstance(value, bool):
-            return f"Invalid value: {value!r}. Expected a boolean.", param
-    elif key == "instructions":
-        if not isinstance(value, str):
-            return f"Invalid value: {value!r}. Expected a string.", param
-    return None
+    def __init__(self, session: Session, response: Response[StoredVoice]) -> None:
+        self.session = session
+        self.response_id = response.response_id
+        s = response.job.settings
+        self.rate: int = s["sample_rate"]
+        self.delta_bytes = max(2, int(self.rate * session.cfg.delta_ms / 1000)) * 2
+        self.frames = DeltaFrames(session.machine.ids, response.response_id, response.item_id)
+        self.gain = s.get("volume", 50) / 50.0
+        self.stream = session.svc.synthesizer.stream(
+            response.job.text, sample_rate=self.rate, language=s["language_type"],
+            profile=_profile(response.job.voice, s),
+        )  # fmt: skip
+        fmt = s["response_format"]
+        self.buf = bytearray(_wav_header(self.rate) if fmt == "wav" else b"")  # unsent bytes
+        self.header_left = len(self.buf)
+        self.encoder: Encoder | None = (
+            make_encoder(fmt, self.rate, int(s.get("bit_rate", DEFAULT_BIT_RATE_KBPS)))
+            if fmt in ("mp3", "opus")
+            else None
+        )
+        self.pcm = bytearray()  # encoded formats: PCM not yet given to the encoder
+        self.fed = 0  # encoded formats: PCM bytes encoded since the last delta
+        self.sent_bytes = 0  # audio bytes of this response already sent (pacing clock)
+        self.k = 0  # deltas of this response
+        self.t0 = 0.0
+
+    @property
+    def cancelled(self) -> bool:
+        return self.session.cancelled == self.response_id
+
+    async def run(self) -> bool:
+        """Send every delta; False when ``response.cancel`` stopped the response."""
+        try:
+            async for chunk in self.stream:
+                if self.cancelled:
+                    return False
+                await self._feed(self._bytes(chunk))
+                if self.cancelled:
+                    return False
+            if self.encoder is not None:
+                await self._encode(last=True)
+            elif self.buf:
+                await self._send(len(self.buf))
+            return not self.cancelled
+        finally:
+            if self.encoder is not None:
+                self.encoder.close()
+            aclose = getattr(self.stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _bytes(self, chunk: PCM16) -> memoryview:
+        if self.gain != 1.0:
+            chunk = np.clip(chunk * self.gain, -32768, 32767).astype(np.int16)
+        return np.ascontiguousarray(chunk, dtype="<i2").data.cast("B")
+
+    async def _feed(self, data: memoryview) -> None:
+        if self.encoder is not None:
+            self.pcm.extend(data)
+            await self._encode(last=False)
+            return
+        self.buf += data
+        while len(self.buf) >= self.delta_bytes and not self.cancelled:
+            await self._send(self.delta_bytes)
+
+    async def _encode(self, *, last: bool) -> None:
+        """Encode the PCM held back (whole deltas, or all of it when ``last``); send what
+        the encoder has ready as one delta (compressed deltas vary in size)."""
+        encoder, pcm, buf = self.encoder, self.pcm, self.buf
+        assert encoder is not None
+        while len(pcm) >= self.delta_bytes or (last and pcm):
+            n = min(self.delta_bytes, len(pcm))
+            buf.extend(encoder.encode(pcm[:n]))
+            del pcm[:n]
+            self.fed += n
+            if buf and not last:
+                await self._send(len(buf), self.fed)
+                self.fed = 0
+            if self.cancelled:
+                return
+        if last:
+            buf.extend(encoder.flush())
+            if buf:
+                await self._send(len(buf), self.fed)
+                self.fed = 0
+
+    async def _pace(self) -> None:
+        """Wait until delta ``k`` is due: an absolute schedule, never a sum of sleeps."""
+        plan, loop = self.session.plan, self.session.loop
+        if self.k == 0:
+            if plan.first_audio_delay_s > 0:
+                await asyncio.sleep(plan.first_audio_delay_s)
+            self.t0 = loop.time()
+            return
+        realtime = self.session.cfg.pacing == "realtime"
+        target = self.t0 + (self.sent_bytes / 2 / self.rate if realtime else 0.0)
+        if plan.delta_interval_s > 0:
+            target = max(target, self.t0 + self.k * plan.delta_interval_s)
+        delay = target - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _send(self, nbytes: int, audio_bytes: int | None = None) -> None:
+        """Send the first ``nbytes`` of ``buf`` as one delta, on schedule; it carries
+        ``audio_bytes`` of PCM (default: the bytes themselves, after any header)."""
+        session, plan = self.session, self.session.plan
+        if session.deltas == 0:
+            session._after_delta(0)  # a count of 0 means: before the session's first audio
+        await self._pace()
+        n = session.deltas + 1
+        if plan.error_delta == n:
+            await session._maybe_inject(plan.error_event_at or "")
+        stamp = time.monotonic() if plan.stamp_deltas else None
+        # Encode straight from the buffer (no intermediate copy), then drop those bytes.
+        with memoryview(self.buf) as view, view[:nbytes] as piece:
+            encoded = pybase64.b64encode(piece)
+        del self.buf[:nbytes]
+        await session._send_raw(self.frames.frame(encoded, stamp))
+        audio = max(0, nbytes - self.header_left) if audio_bytes is None else audio_bytes
+        self.header_left = max(0, self.header_left - nbytes)
+        self.sent_bytes += audio
+        self.k += 1
+        session.deltas = n
+        counters = session.svc.counters
+        counters.deltas_sent += 1
+        counters.audio_samples_sent += audio // 2
+        session._after_delta(n)
 
 
 def _wav_header(rate: int) -> bytes:
