@@ -36,9 +36,8 @@ import email.utils
 import logging
 import os
 import random
-import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,15 +61,19 @@ from .errors import (
 from .messages import (
     ENROLLMENT_LANGUAGES,
     ENROLLMENT_PATH,
+    MAX_PAGE,
     VC_MODELS,
     VoiceInfo,
+    VoicePage,
     create_voice_request,
     delete_voice_request,
+    is_preferred_name,
     list_voices_request,
     parse_created_voice,
     parse_enrollment_error,
     parse_voice_page,
 )
+from .samples import data_uri, inspect_sample
 
 __all__ = [
     "ENROLLMENT_LANGUAGES",
@@ -86,9 +89,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# protocol.md §4.2: the only values `input.language` takes.
-_NAME_RE = re.compile(r"[A-Za-z0-9_]{1,16}")
-_MAX_PAGE_INDEX = 1_000_000  # §4.3 range; a guard against a server that never ends a listing
+# The §4.3 range of page_index, MAX_PAGE, is also the guard against a server that never ends
+# a listing.
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float) -> float | None
 
 def validate_preferred_name(name: object) -> str:
     """Return ``name`` if it is a valid ``preferred_name`` (§4.2), else raise UsageError."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+    if not is_preferred_name(name):
         raise UsageError(f"preferred_name must be 1-16 ASCII letters, digits or '_', got {name!r}")
     return name
 
@@ -174,21 +176,9 @@ class Voice:
         return self.name
 
 
-@dataclass(frozen=True)
-class Page:
-    """One page of :meth:`Voices.list`; paging fields are ``None`` when the server omits them."""
-
-    voices: tuple[Voice, ...]
-    page_index: int | None = None
-    page_size: int | None = None
-    total_count: int | None = None
-    request_id: str | None = None
-
-    def __iter__(self) -> Iterator[Voice]:
-        return iter(self.voices)
-
-    def __len__(self) -> int:
-        return len(self.voices)
+#: One page of :meth:`Voices.list` (a ``VoicePage[Voice]``); paging fields are ``None`` when
+#: the server omits them.
+Page = VoicePage
 
 
 class _Failure(Exception):
@@ -339,24 +329,17 @@ class Voices:
             fallback_reason=created.fallback_reason,
         )
 
-    async def list(self, page_index: int = 0, page_size: int = 10) -> Page:
+    async def list(self, page_index: int = 0, page_size: int = 10) -> Page[Voice]:
         """One page of the account's voices (``page_index`` is 0-based)."""
-        if not _is_int(page_index) or not 0 <= page_index <= _MAX_PAGE_INDEX:
-            raise UsageError(f"page_index must be an int in [0, {_MAX_PAGE_INDEX}]")
-        if not _is_int(page_size) or not 1 <= page_size <= _MAX_PAGE_INDEX:
+        if not _is_int(page_index) or not 0 <= page_index <= MAX_PAGE:
+            raise UsageError(f"page_index must be an int in [0, {MAX_PAGE}]")
+        if not _is_int(page_size) or not 1 <= page_size <= MAX_PAGE:
             # §8: older pages allowed 0, the newer range starts at 1; 0 lists nothing anyway.
-            raise UsageError(f"page_size must be an int in [1, {_MAX_PAGE_INDEX}]")
+            raise UsageError(f"page_size must be an int in [1, {MAX_PAGE}]")
         payload = list_voices_request(page_index=page_index, page_size=page_size)
         body = await self._send("list", payload, idempotent=True, limit_s=self._timeout)
         assert body is not None
-        page = parse_voice_page(body)
-        return Page(
-            voices=tuple(_voice_from_info(v) for v in page.voices),
-            page_index=page.page_index,
-            page_size=page.page_size,
-            total_count=page.total_count,
-            request_id=page.request_id,
-        )
+        return parse_voice_page(body).map(_voice_from_info)
 
     async def all(self, page_size: int = 100) -> AsyncIterator[Voice]:
         """Every voice of the account, fetching page after page.
@@ -416,9 +399,9 @@ class Voices:
 
     # --- transport ----------------------------------------------------------------------
 
-    async def _pages(self, page_size: int) -> AsyncGenerator[Page, None]:
+    async def _pages(self, page_size: int) -> AsyncGenerator[Page[Voice], None]:
         seen = 0
-        for index in range(_MAX_PAGE_INDEX + 1):
+        for index in range(MAX_PAGE + 1):
             page = await self.list(index, page_size)
             yield page
             seen += len(page.voices)
@@ -426,7 +409,7 @@ class Voices:
                 return
             if page.total_count is not None and seen >= page.total_count:
                 return
-        raise ProtocolViolation(f"voice listing did not end after {_MAX_PAGE_INDEX} pages")
+        raise ProtocolViolation(f"voice listing did not end after {MAX_PAGE} pages")
 
     async def _send(
         self, action: str, payload: dict[str, Any], *, idempotent: bool, limit_s: float
@@ -605,9 +588,6 @@ async def _audio_data(sample: str | os.PathLike[str] | bytes, *, check: bool) ->
         raise UsageError(
             f"sample must be a path, bytes or an http(s) URL, not {type(sample).__name__}"
         )
-    # Imported here: sample inspection pulls in PyAV and the VAD, which only create needs.
-    from .samples import data_uri, inspect_sample
-
     # inspect_sample reads a path itself, at most a little over the size limit, so a huge
     # file is refused without loading it; the bytes are read only once it passed.
     report = await asyncio.to_thread(inspect_sample, sample)
