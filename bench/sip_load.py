@@ -51,7 +51,9 @@ def _free_port() -> int:
 
 
 async def _enroll(srv: LocalServer) -> str:
-    from tests.conftest import _enroll as enroll  # the test helper: a plain HTTP POST
+    from tts_stream.testing.enroll import (
+        enroll_voice as enroll,  # the test helper: a plain HTTP POST
+    )
 
     return await enroll(srv, preferred_name="load")
 
