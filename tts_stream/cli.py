@@ -166,7 +166,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("record", "enroll"):
         return _record_command(args)
     if args.command == "demo":
-        from .demo import run_demo
+        from ._demo import run_demo
 
         return _run(run_demo(out=args.out, play=not args.no_play,
                              data_dir=args.data_dir or default_data_dir()))  # fmt: skip

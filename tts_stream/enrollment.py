@@ -63,6 +63,7 @@ from .messages import (
     ENROLLMENT_PATH,
     MAX_PAGE,
     VC_MODELS,
+    CreatedVoice,
     VoiceInfo,
     VoicePage,
     create_voice_request,
@@ -283,18 +284,7 @@ class Voices:
             ServerError (and subclasses): the service refused; QuotaExceeded at 1000 voices.
             ConnectionFailed, Timeout, ProtocolViolation.
         """
-        validate_preferred_name(preferred_name)
-        if target_model not in VC_MODELS:
-            raise UsageError(
-                f"target_model must be one of {', '.join(VC_MODELS)}, got {target_model!r}"
-            )
-        if language is not None and language not in ENROLLMENT_LANGUAGES:
-            raise UsageError(
-                f"language must be one of {', '.join(ENROLLMENT_LANGUAGES)} "
-                f"(the clip's language), got {language!r}"
-            )
-        if text is not None and (not isinstance(text, str) or not text.strip()):
-            raise UsageError("text, when given, must be the non-empty transcript of the clip")
+        _check_create_options(preferred_name, target_model, language, text)
         audio = await _audio_data(sample, check=check)
         payload = create_voice_request(
             target_model=target_model,
@@ -305,29 +295,7 @@ class Voices:
         )
         body = await self._send("create", payload, idempotent=False, limit_s=self._create_timeout)
         assert body is not None  # only delete tolerates an already-done retry
-        created = parse_created_voice(body)
-        if created.target_model and created.target_model != target_model:
-            log.warning(
-                "voice %s was bound to %s, not the requested %s",
-                created.voice,
-                created.target_model,
-                target_model,
-            )
-        if created.fallback_mode:
-            log.warning(
-                "voice %s was cloned in fallback mode (%s): expect lower quality",
-                created.voice,
-                created.fallback_reason or "no reason given",
-            )
-        log.info("created voice %s for %s", created.voice, created.target_model or target_model)
-        return Voice(
-            name=created.voice,
-            target_model=created.target_model or target_model,
-            language=language,
-            created=None,
-            fallback_mode=created.fallback_mode,
-            fallback_reason=created.fallback_reason,
-        )
+        return _created_voice(parse_created_voice(body), target_model, language)
 
     async def list(self, page_index: int = 0, page_size: int = 10) -> Page[Voice]:
         """One page of the account's voices (``page_index`` is 0-based)."""
@@ -447,42 +415,8 @@ class Voices:
         self, action: str, payload: dict[str, Any], limit_s: float
     ) -> dict[str, Any]:
         """One POST; the single place where aiohttp and HTTP errors become ours."""
-        url = self._endpoint.http_url(ENROLLMENT_PATH)
-        headers = self._endpoint.headers()
-        headers["Content-Type"] = "application/json"
-        headers["Accept"] = "application/json"
-        data = orjson.dumps(payload)
         started = time.monotonic()
-        try:
-            async with asyncio.timeout(limit_s):
-                # No redirects: a POST API has no reason to redirect, and following one
-                # could carry the Authorization header to another host.
-                async with self._session.post(
-                    url, data=data, headers=headers, allow_redirects=False
-                ) as resp:
-                    raw = await resp.read()
-                    status, reason, resp_headers = resp.status, resp.reason, resp.headers
-        except TimeoutError as exc:
-            raise _Failure(Timeout(f"enrollment {action} response", limit_s), exc) from None
-        except aiohttp.ClientSSLError as exc:
-            # Certificate or TLS failure: deterministic, nothing to retry.
-            raise _Failure(ConnectionFailed(f"TLS failure talking to {url}: {exc}"), exc) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise _Failure(
-                ConnectionFailed(f"cannot connect to {url}: {exc.os_error or exc}"),
-                exc,
-                nothing_sent=True,
-            ) from None
-        except aiohttp.ClientResponseError as exc:
-            # Its repr carries the request headers (the key): keep it out of the chain.
-            raise _Failure(
-                ConnectionFailed(f"bad HTTP response from {url}: HTTP {exc.status} {exc.message}")
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise _Failure(
-                ConnectionFailed(f"{action} to {url} failed: {type(exc).__name__}: {exc}"),
-                exc,
-            ) from None
+        status, reason, resp_headers, raw = await self._post(action, payload, limit_s)
         key = self._endpoint.api_key
         if key and key.encode() in raw:  # a server that echoes the key: keep it out of all
             raw = raw.replace(key.encode(), b"sk-***")
@@ -525,6 +459,47 @@ class Voices:
             body["request_id"] = header_rid
         return body
 
+    async def _post(
+        self, action: str, payload: dict[str, Any], limit_s: float
+    ) -> tuple[int, str | None, Mapping[str, str], bytes]:
+        """The HTTP exchange of one try: status, reason, headers and body, or a _Failure."""
+        url = self._endpoint.http_url(ENROLLMENT_PATH)
+        headers = self._endpoint.headers()
+        headers["Content-Type"] = "application/json"
+        headers["Accept"] = "application/json"
+        data = orjson.dumps(payload)
+        try:
+            async with asyncio.timeout(limit_s):
+                # No redirects: a POST API has no reason to redirect, and following one
+                # could carry the Authorization header to another host.
+                async with self._session.post(
+                    url, data=data, headers=headers, allow_redirects=False
+                ) as resp:
+                    raw = await resp.read()
+                    status, reason, resp_headers = resp.status, resp.reason, resp.headers
+        except TimeoutError as exc:
+            raise _Failure(Timeout(f"enrollment {action} response", limit_s), exc) from None
+        except aiohttp.ClientSSLError as exc:
+            # Certificate or TLS failure: deterministic, nothing to retry.
+            raise _Failure(ConnectionFailed(f"TLS failure talking to {url}: {exc}"), exc) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise _Failure(
+                ConnectionFailed(f"cannot connect to {url}: {exc.os_error or exc}"),
+                exc,
+                nothing_sent=True,
+            ) from None
+        except aiohttp.ClientResponseError as exc:
+            # Its repr carries the request headers (the key): keep it out of the chain.
+            raise _Failure(
+                ConnectionFailed(f"bad HTTP response from {url}: HTTP {exc.status} {exc.message}")
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise _Failure(
+                ConnectionFailed(f"{action} to {url} failed: {type(exc).__name__}: {exc}"),
+                exc,
+            ) from None
+        return status, reason, resp_headers, raw
+
     def _server_error(
         self, body: Any, status: int, reason: str | None, header_rid: str | None
     ) -> ServerError:
@@ -555,6 +530,50 @@ async def open_voices(
     """
     async with aiohttp.ClientSession() as session:
         yield Voices(session, endpoint, retry=retry, timeout=timeout, create_timeout=create_timeout)
+
+
+def _check_create_options(
+    preferred_name: str, target_model: str, language: str | None, text: str | None
+) -> None:
+    """The local checks of a create's options (§4.2), before anything is read or sent."""
+    validate_preferred_name(preferred_name)
+    if target_model not in VC_MODELS:
+        raise UsageError(
+            f"target_model must be one of {', '.join(VC_MODELS)}, got {target_model!r}"
+        )
+    if language is not None and language not in ENROLLMENT_LANGUAGES:
+        raise UsageError(
+            f"language must be one of {', '.join(ENROLLMENT_LANGUAGES)} "
+            f"(the clip's language), got {language!r}"
+        )
+    if text is not None and (not isinstance(text, str) or not text.strip()):
+        raise UsageError("text, when given, must be the non-empty transcript of the clip")
+
+
+def _created_voice(created: CreatedVoice, target_model: str, language: str | None) -> Voice:
+    """The :class:`Voice` of a create's answer, logging what the caller should know."""
+    if created.target_model and created.target_model != target_model:
+        log.warning(
+            "voice %s was bound to %s, not the requested %s",
+            created.voice,
+            created.target_model,
+            target_model,
+        )
+    if created.fallback_mode:
+        log.warning(
+            "voice %s was cloned in fallback mode (%s): expect lower quality",
+            created.voice,
+            created.fallback_reason or "no reason given",
+        )
+    log.info("created voice %s for %s", created.voice, created.target_model or target_model)
+    return Voice(
+        name=created.voice,
+        target_model=created.target_model or target_model,
+        language=language,
+        created=None,
+        fallback_mode=created.fallback_mode,
+        fallback_reason=created.fallback_reason,
+    )
 
 
 def _is_int(v: object) -> bool:
