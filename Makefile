@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q -e ".[dev]"
 	# Only the speaker encoder's weights (tests, bench/likeness.py): the wheel declares torch,
-	# which tests/voice_encoder.py does not need.
+	# which tts_stream/testing/voice_encoder.py does not need.
 	$(PY) -m pip install -q --no-deps "resemblyzer==0.1.4"
 	touch $@
 

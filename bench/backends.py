@@ -39,10 +39,10 @@ import soxr
 
 from bench.common import ServerProcess, environment, save_results, summarize
 from sinks import ArraySink
-from tests.samplegen import good_sample_wav
 from tts_stream import Engine
 from tts_stream.server.likeness import SpeakerFeatures, sample_features
 from tts_stream.server.synth import VoiceProfile, make_synthesizer
+from tts_stream.testing.samplegen import good_sample_wav
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SENTENCE = "Hello, this is the local server speaking with a cloned voice."

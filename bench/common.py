@@ -26,7 +26,6 @@ import contextlib
 import gc
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import resource
@@ -41,6 +40,8 @@ from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, TypeVar
+
+from tts_stream.metrics import summarize as summary_of
 
 __all__ = [
     "KEY_ENV",
@@ -172,27 +173,13 @@ def _jsonable(obj: Any) -> Any:
 # --- statistics ----------------------------------------------------------------------------------
 
 
-def _pct(sorted_values: Sequence[float], q: float) -> float:
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def summarize(values: Iterable[float | None]) -> dict[str, float | int | None]:
-    """count/min/mean/p50/p95/p99/max of the non-None values (linear interpolation)."""
-    vals = sorted(float(v) for v in values if v is not None)
-    if not vals:
-        return {"count": 0, "min": None, "mean": None, "p50": None, "p95": None, "p99": None,
-                "max": None}  # fmt: skip
-    return {
-        "count": len(vals),
-        "min": vals[0],
-        "mean": sum(vals) / len(vals),
-        "p50": _pct(vals, 50),
-        "p95": _pct(vals, 95),
-        "p99": _pct(vals, 99),
-        "max": vals[-1],
-    }
+    """count/min/mean/p50/p95/p99/max of the non-None values: the library's
+    :func:`tts_stream.metrics.summarize` (linear interpolation) as a dict, plus the minimum."""
+    vals = [float(v) for v in values if v is not None]
+    s = summary_of(vals)
+    return {"count": s.count, "min": min(vals, default=None), "mean": s.mean, "p50": s.p50,
+            "p95": s.p95, "p99": s.p99, "max": s.max}  # fmt: skip
 
 
 def fmt_ms(value: float | int | None, digits: int = 2) -> str:

@@ -458,7 +458,7 @@ def _install_exporters(engine: Engine, which: str) -> _TimedExporters | None:
 
 
 async def _enroll(srv: ServerProcess) -> str:
-    from tests.samplegen import good_sample_wav
+    from tts_stream.testing.samplegen import good_sample_wav
 
     async with Engine(base_url=srv.base_url, api_key=srv.api_key) as engine:
         voice = await engine.voices.create(

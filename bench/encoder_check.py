@@ -1,4 +1,4 @@
-"""One-time check of tests/voice_encoder.py (numpy) against resemblyzer on torch.
+"""One-time check of tts_stream/testing/voice_encoder.py (numpy) against resemblyzer on torch.
 
 Torch is never a project dependency, so the check runs in two interpreters::
 
@@ -24,9 +24,9 @@ def dump(path: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import numpy as np
 
-    from tests.voice_encoder import VoiceEncoder
     from tts_stream.server.piper import synthesize_piper
     from tts_stream.server.synth import synthesize
+    from tts_stream.testing.voice_encoder import VoiceEncoder
 
     clips: dict[str, tuple[Any, int]] = {
         "espeak_24k": (synthesize("Hello, I am recording this sample so that the system can "
@@ -47,7 +47,7 @@ def dump(path: str) -> None:
 
 def compare(path: str) -> None:
     import numpy as np
-    from resemblyzer import VoiceEncoder, preprocess_wav
+    from resemblyzer import VoiceEncoder, preprocess_wav  # type: ignore[import-untyped]
 
     data = np.load(path)
     enc = VoiceEncoder(device="cpu", verbose=False)

@@ -195,7 +195,7 @@ async def run(args: argparse.Namespace, srv: ServerProcess, gcp: GcPauses) -> li
     import dashscope
 
     dashscope.api_key = srv.api_key  # the SDK reads a global
-    from tests.samplegen import good_sample_wav
+    from tts_stream.testing.samplegen import good_sample_wav
 
     records: list[dict[str, Any]] = []
     modes = [m for m in MODES if m in args.modes]

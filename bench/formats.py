@@ -40,10 +40,10 @@ import pybase64
 from websockets.asyncio.client import connect
 
 from bench.common import ServerProcess, environment, save_results
-from tests.samplegen import good_sample_wav
 from tts_stream import Engine
 from tts_stream.decode import ResponseDecoders
 from tts_stream.messages import VC_MODELS
+from tts_stream.testing.samplegen import good_sample_wav
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEXT = (

@@ -145,9 +145,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from loguru import logger
 
     from bench.pipecat_turns import Driver
-    from tests.samplegen import good_sample_wav
     from tts_stream import Engine
     from tts_stream.integrations.pipecat import TtsStreamTTSService
+    from tts_stream.testing.samplegen import good_sample_wav
 
     logger.remove()
     logger.add(sys.stderr, level="WARNING")

@@ -4,9 +4,9 @@ Run (regenerates bench/results/likeness.{jsonl,md}; about 2 minutes)::
 
     .venv/bin/python -m bench.likeness
 
-For each speaker set of ``tests/speakers.py`` and backend, a LocalServer (in this process)
+For each speaker set of ``testing.speakers`` and backend, a LocalServer (in this process)
 enrolls every speaker's 12 s sample, speaks a text none of them read with each voice through
-the engine, and the torch-free resemblyzer encoder (``tests/voice_encoder.py``) compares each
+the engine, and the torch-free resemblyzer encoder (``testing.voice_encoder``) compares each
 output with every sample. Columns: ``plain`` = cos(untransformed backend, own sample),
 ``own`` = cos(this voice's output, own sample), ``gain`` = own − plain, ``nearest other`` =
 the highest cos(this voice's output, another speaker's sample). Goal (issue 14): ``own`` >
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import environment, save_results
-from tests.speakers import ESPEAK_SPEAKERS, PIPER_SPEAKERS, Result, measure
 from tts_stream.server import LocalServer
+from tts_stream.testing.speakers import ESPEAK_SPEAKERS, PIPER_SPEAKERS, Result, measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETS: dict[str, tuple[str, list[str]]] = {

@@ -49,9 +49,9 @@ import aiohttp
 import orjson
 
 from bench.common import KEY_ENV, REPO, RESULTS, JsonLines, environment, proc_cpu_s, proc_rss_kb
-from tests import hostile, samplegen
 from tts_stream.messages import ENROLLMENT_PATH, VC_MODELS, create_voice_request
 from tts_stream.samples import data_uri
+from tts_stream.testing import hostile, samplegen
 
 TIMEOUT = 300.0
 

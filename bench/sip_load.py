@@ -51,9 +51,9 @@ def _free_port() -> int:
 
 
 async def _enroll(srv: LocalServer) -> str:
-    from tests.conftest import _enroll as enroll  # the test helper: a plain HTTP POST
+    from tts_stream.testing.enroll import enroll_voice  # a plain HTTP POST
 
-    return await enroll(srv, preferred_name="load")
+    return await enroll_voice(srv, preferred_name="load")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

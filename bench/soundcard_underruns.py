@@ -7,8 +7,8 @@ Usage::
 
 Each run plays ``--seconds`` of audio through :class:`sinks.SoundCardSink` (sounddevice,
 PortAudio → ALSA pulse plugin → a private PulseAudio null sink, real-time pace; see
-tests/audio_env.py) while the event loop is loaded: the producer delivers 40 ms frames on
-an absolute real-time schedule (a service streaming at 1.0x), and a CPU-bound coroutine
+tts_stream.testing.audio_env) while the event loop is loaded: the producer delivers 40 ms
+frames on an absolute real-time schedule (a service streaming at 1.0x), and a CPU-bound coroutine
 hogs the loop for ``hog`` ms once per ``--hog-period`` seconds (a JSON parse, a VAD pass, a
 slow callback). While the loop is hogged, nothing is written; the audio callback still runs
 (PortAudio's thread gets the GIL every ``sys.getswitchinterval()``), so the ring drains by
@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from bench.common import RESULTS, JsonLines, environment, fmt_ms
-from tests.audio_env import pulse_daemon
 from tts_stream.audio import AudioFormat, Frame
+from tts_stream.testing.audio_env import pulse_daemon
 
 __all__ = ["main"]
 

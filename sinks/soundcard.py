@@ -1,25 +1,25 @@
 """Sound-card sink: PCM16 to a PortAudio output device, through sounddevice or PyAudio.
 
-The asyncio side copies frames into a preallocated int16 ring buffer; PortAudio's audio
-thread copies them out in its callback. The callback never blocks, never allocates audio
-buffers and takes no lock: it plays silence when the ring runs dry (and counts an underrun),
-applies a ~5 ms linear fade on :meth:`SoundCardSink.interrupt`, and wakes the event loop only
-through ``loop.call_soon_threadsafe`` (space freed for a waiting writer; stream complete).
-(PyAudio alone insists on a fresh ``bytes`` per callback: see ``_PyAudioStream``.) The stream
+The asyncio side (this module) chooses the device and its rate, resamples when needed, copies
+frames into a preallocated int16 ring buffer and drives the stream's lifecycle; PortAudio's
+audio thread copies them out in its callback (:mod:`sinks.playback`, with the two backend
+adapters). The callback never blocks, never allocates audio buffers and takes no lock: it
+plays silence when the ring runs dry (and counts an underrun), applies a ~5 ms linear fade on
+:meth:`SoundCardSink.interrupt`, and wakes the event loop only through
+``loop.call_soon_threadsafe`` (space freed for a waiting writer; stream complete). The stream
 starts once ``prefill_ms`` of audio is queued, so the first audio plays smoothly, and stops
 after every :meth:`~SoundCardSink.drain`, once the last sample has reached the DAC (the next
 write prefills again).
 
 When the device cannot open the stream's rate, it is opened at its default rate and the audio
 is resampled with one stateful ``soxr.ResampleStream`` (no per-chunk pops; float32, so the
-output is deterministic and independent of the chunking). Both backends share the ring and
-all the logic; they are thin adapters around PortAudio's callback API. The ring, the device
-listing and the backend import live in :mod:`tts_stream.portaudio`, shared with the
-recorder. ``sounddevice``/``pyaudio`` are imported lazily: a missing package or a missing
-PortAudio library raises :class:`~tts_stream.errors.MissingDependency` naming what to install.
+output is deterministic and independent of the chunking). The ring, the device listing and
+the backend import live in :mod:`tts_stream.portaudio`, shared with the recorder.
+``sounddevice``/``pyaudio`` are imported lazily: a missing package or a missing PortAudio
+library raises :class:`~tts_stream.errors.MissingDependency` naming what to install.
 
-Boundary: imports ``tts_stream.audio``, ``tts_stream.errors``, ``tts_stream.portaudio`` and the
-shared sink base only.
+Boundary: imports ``tts_stream.audio``, ``tts_stream.errors``, ``tts_stream.portaudio``, the
+shared sink base and :mod:`sinks.playback` only.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +39,6 @@ from tts_stream.errors import DeviceError, Timeout, TtsStreamError, UsageError
 from tts_stream.portaudio import (
     BACKENDS,
     DeviceInfo,
-    Ring,
     import_backend,
     list_devices,
     negotiate_rate,
@@ -48,6 +47,7 @@ from tts_stream.portaudio import (
 )
 
 from ._base import BaseSink
+from .playback import Playback, Stream, open_stream
 
 __all__ = [
     "BACKENDS",
@@ -63,133 +63,10 @@ log = logging.getLogger(__name__)
 
 Backend = Literal["sounddevice", "pyaudio"]
 
-# The callback signals the end of the stream with this return value (True = complete).
-FillFn = Callable[[npt.NDArray[np.int16], int, float, bool], bool]
-
 
 def list_output_devices(*, backend: Backend | str = "sounddevice") -> list[DeviceInfo]:
     """Every PortAudio device with at least one output channel (for ``tts-stream devices``)."""
     return list_devices(import_backend(backend), backend, "output")
-
-
-# -- backend adapters ---------------------------------------------------------------------
-
-
-class _Stream(Protocol):
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...  # blocks until the buffers handed to PortAudio have played
-
-    def abort(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def _dac_delay(dac_time: float, current_time: float) -> float:
-    # PortAudio's stream clock has its own epoch: only the difference is meaningful. Some
-    # host APIs report 0 for outputBufferDacTime; then the callback time is the estimate.
-    if dac_time > 0.0 and current_time > 0.0 and dac_time >= current_time:
-        return dac_time - current_time
-    return 0.0
-
-
-class _SoundDeviceStream:
-    """sounddevice adapter: ``OutputStream`` in callback mode, int16, fixed block size."""
-
-    def __init__(
-        self, sd: Any, *, device: int, rate: int, channels: int, blocksize: int, fill: FillFn
-    ) -> None:
-        self._stop_exc = sd.CallbackStop
-        self._fill = fill
-        self._stream = sd.OutputStream(
-            device=device,
-            samplerate=rate,
-            channels=channels,
-            dtype="int16",
-            blocksize=blocksize,
-            callback=self._callback,
-        )
-
-    def _callback(self, outdata: Any, frames: int, time_info: Any, status: Any) -> None:
-        # outdata is a numpy view of PortAudio's own buffer: we write into it in place.
-        delay = _dac_delay(time_info.outputBufferDacTime, time_info.currentTime)
-        if self._fill(outdata, frames, delay, bool(status.output_underflow)):
-            raise self._stop_exc  # paComplete: PortAudio plays this block, then finishes
-
-    def start(self) -> None:
-        self._stream.start()
-
-    def stop(self) -> None:
-        self._stream.stop()
-
-    def abort(self) -> None:
-        self._stream.abort()
-
-    def close(self) -> None:
-        self._stream.close()
-
-
-class _PyAudioStream:
-    """PyAudio adapter: ``PyAudio.open(stream_callback=...)``.
-
-    PyAudio insists on a ``bytes`` object as the callback's result (a bytearray or a read-only
-    memoryview is refused), so the one allocation per callback this sink cannot avoid is
-    ``out.tobytes()``: the block is assembled in a preallocated array, then copied once.
-    """
-
-    def __init__(
-        self, pyaudio: Any, *, device: int, rate: int, channels: int, blocksize: int, fill: FillFn
-    ) -> None:
-        self._pa_mod = pyaudio
-        self._fill = fill
-        self._continue = pyaudio.paContinue
-        self._complete = pyaudio.paComplete
-        self._underflow_flag = pyaudio.paOutputUnderflow
-        self._out = np.zeros((max(blocksize, 4096), channels), dtype=np.int16)
-        self._pa = pyaudio.PyAudio()
-        try:
-            self._stream = self._pa.open(
-                format=pyaudio.paInt16,
-                channels=channels,
-                rate=rate,
-                output=True,
-                output_device_index=device,
-                frames_per_buffer=blocksize,
-                stream_callback=self._callback,
-                start=False,
-            )
-        except BaseException:
-            self._pa.terminate()
-            raise
-
-    def _callback(
-        self, in_data: Any, frame_count: int, time_info: dict[str, float], status: int
-    ) -> tuple[bytes, int]:
-        out = self._out
-        if frame_count > out.shape[0]:  # never with a fixed block size; grow once
-            self._out = out = np.zeros((frame_count, out.shape[1]), dtype=np.int16)
-        block = out[:frame_count]
-        delay = _dac_delay(
-            time_info.get("output_buffer_dac_time", 0.0), time_info.get("current_time", 0.0)
-        )
-        done = self._fill(block, frame_count, delay, bool(status & self._underflow_flag))
-        return block.tobytes(), self._complete if done else self._continue
-
-    def start(self) -> None:
-        self._stream.start_stream()
-
-    def stop(self) -> None:
-        self._stream.stop_stream()
-
-    def abort(self) -> None:
-        # PyAudio exposes no abort; stopping waits for at most one device buffer.
-        self._stream.stop_stream()
-
-    def close(self) -> None:
-        try:
-            self._stream.close()
-        finally:
-            self._pa.terminate()
 
 
 def float_to_pcm16(x: npt.NDArray[np.float32]) -> PCM16:
@@ -266,9 +143,9 @@ class SoundCardSink(BaseSink):
         # Filled in by _open (no I/O in __init__).
         self.device_info: DeviceInfo | None = None
         self.device_rate: int | None = None
-        self._stream: _Stream | None = None
+        self._stream: Stream | None = None
         self._resampler: Any = None
-        self._ring = Ring(1, 1)
+        self._play = self._playback(1, 1, rate=1, ramp=0)  # the real one: in _open
         self._prefill = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._space_evt = asyncio.Event()
@@ -277,27 +154,14 @@ class SoundCardSink(BaseSink):
         self._running = False
         self._epoch = 0
         self._interrupting = False
-        # Shared with the audio callback (see Ring for why plain attributes suffice). Each
-        # is written by one side only, except where noted.
-        self._draining = False  # loop writes; callback reads
-        self._fade_requested = False  # loop sets; callback clears when the fade is done
-        self._space_wanted = 0  # loop sets; callback clears before waking the loop
-        self._cb_played = 0  # callback only: frames handed to PortAudio (device rate)
-        self._cb_underruns = 0  # callback only
-        self._cb_first_at: float | None = None  # callback only
-        self._cb_end_at = 0.0  # callback only: when the last sample reaches the DAC
-        self._cb_completed = False  # callback sets it when it completes the stream
-        self._cb_tail = 0  # callback only: frames of silence played since the ring emptied
-        self._cb_dropped = 0  # callback only: frames dropped at the end of a fade
-        self._tail_frames = 0
-        self._cb_rate = 1.0  # device rate, for the callback's arithmetic
         self._dropped_dev = 0  # loop only, while no callback runs or for unqueued frames
-        # Fade state and scratch buffers, preallocated in _open (callback only).
-        self._fade_total = 0
-        self._fade_pos = 0
-        self._ramp_idx = np.zeros(0, dtype=np.float32)
-        self._gain = np.zeros(0, dtype=np.float32)
-        self._scratch = np.zeros((0, 1), dtype=np.float32)
+
+    def _playback(self, frames: int, channels: int, *, rate: int, ramp: int) -> Playback:
+        return Playback(
+            frames, channels, rate=float(rate), tail_frames=int(rate * self.tail_ms / 1000),
+            ramp=ramp, on_space=lambda: self._wake(self._space_evt.set),
+            on_done=lambda: self._wake(self._done_evt.set),
+        )  # fmt: skip
 
     # -- lifecycle hooks (BaseSink) -------------------------------------------------------
 
@@ -309,8 +173,6 @@ class SoundCardSink(BaseSink):
             lambda: self._choose_device(module, fmt), "the audio device list"
         )
         self.device_info, self.device_rate = info, rate
-        self._cb_rate = float(rate)
-        self._tail_frames = int(rate * self.tail_ms / 1000)
         ch = fmt.channels
         if rate != fmt.sample_rate:
             # One stateful resampler for the whole stream: resampling chunk by chunk with
@@ -325,21 +187,15 @@ class SoundCardSink(BaseSink):
                      self.name, info.name, rate, fmt.sample_rate)
         blocksize = rate // 50 if self.blocksize is None else self.blocksize
         capacity = max(int(rate * self.ring_ms / 1000), 2 * max(blocksize, 1))
-        self._ring = Ring(capacity, ch)
+        ramp = int(rate * self.fade_ms / 1000)  # 0: cut without a fade
+        self._play = self._playback(capacity, ch, rate=rate, ramp=ramp)
         # Never wait for more than the ring can hold minus one block, or the stream would
         # never start.
         self._prefill = min(int(rate * self.prefill_ms / 1000), capacity - max(blocksize, 1))
-        ramp = int(rate * self.fade_ms / 1000)  # 0: cut without a fade
-        self._ramp_idx = np.arange(ramp, dtype=np.float32)
-        self._gain = np.zeros(ramp, dtype=np.float32)
-        self._scratch = np.zeros((ramp, ch), dtype=np.float32)
 
-        def make() -> _Stream:
-            cls = _SoundDeviceStream if self.backend == "sounddevice" else _PyAudioStream
-            return cls(
-                module, device=info.index, rate=rate, channels=ch, blocksize=blocksize,
-                fill=self._fill,
-            )
+        def make() -> Stream:
+            return open_stream(module, self.backend, device=info.index, rate=rate, channels=ch,
+                               blocksize=blocksize, fill=self._play.fill)  # fmt: skip
 
         self._stream = await self._call(make, f"the audio device {info.name!r} to open")
         log.debug("%s: opened %r at %d Hz, ring %d frames, prefill %d, block %d",
@@ -354,7 +210,9 @@ class SoundCardSink(BaseSink):
             )
         rate = negotiate_rate(
             fmt.sample_rate,
-            supported=lambda r: probe_rate(module, self.backend, info, r, fmt.channels, "output"),
+            supported=lambda r: probe_rate(
+                module, self.backend, info, r, channels=fmt.channels, kind="output"
+            ),
             default_rate=info.default_samplerate,
             forced=self._forced_rate,
         )
@@ -385,15 +243,15 @@ class SoundCardSink(BaseSink):
             self._resampler.clear()
             await self._push(tail)
         if not self._running:
-            if self._ring.level == 0:
+            if self._play.ring.level == 0:
                 self._sync_counters()
                 return
             # Draining from the first callback on: a fast device (the ALSA null plugin runs
             # flat out) must not play silence between start() and the flag.
             await self._start(draining=True)
         else:
-            self._draining = True
-        budget = self._ring.level / (self.device_rate or 1) + self._timeout
+            self._play.draining = True
+        budget = self._play.ring.level / (self.device_rate or 1) + self._timeout
         if not await self._completed(budget):
             await self._stop(abort=True)
             raise Timeout(f"{self.name} to play its queued audio", budget)
@@ -409,18 +267,14 @@ class SoundCardSink(BaseSink):
             if self._resampler is not None:
                 self._resampler.clear()
             if self._running:
-                self._fade_requested = True
+                self._play.fade_requested = True
                 if not await self._completed(self._timeout):
                     log.warning("%s: no callback for %.1f s, aborting", self.name, self._timeout)
                     await self._stop(abort=True)
                 await self._until_played()
                 await self._stop()
             # No callback runs now: the loop may move the consumer index.
-            ring = self._ring
-            self._dropped_dev += ring.level
-            ring.tail = ring.head
-            self._fade_requested = False
-            self._fade_total = self._fade_pos = 0
+            self._dropped_dev += self._play.discard()
         finally:
             self._interrupting = False
         self._sync_counters()
@@ -446,7 +300,7 @@ class SoundCardSink(BaseSink):
     # -- producer side (event loop) -------------------------------------------------------
 
     async def _push(self, data: npt.NDArray[np.int16]) -> None:
-        ring, epoch, pos, total = self._ring, self._epoch, 0, data.shape[0]
+        ring, epoch, pos, total = self._play.ring, self._epoch, 0, data.shape[0]
         while pos < total:
             if epoch != self._epoch:
                 self._dropped_dev += total - pos  # interrupted while waiting for space
@@ -459,27 +313,26 @@ class SoundCardSink(BaseSink):
 
     async def _wait_space(self, frames: int) -> None:
         self._space_evt.clear()
-        self._space_wanted = frames
-        if self._ring.free >= frames:  # freed between the put and now: no wake-up coming
-            self._space_wanted = 0
+        play = self._play
+        play.space_wanted = frames
+        if play.ring.free >= frames:  # freed between the put and now: no wake-up coming
+            play.space_wanted = 0
             return
-        budget = self._ring.capacity / (self.device_rate or 1) + self._timeout
+        budget = play.ring.capacity / (self.device_rate or 1) + self._timeout
         try:
             await asyncio.wait_for(self._space_evt.wait(), budget)
         except TimeoutError:
             raise Timeout(f"{self.name} to consume queued audio", budget) from None
         finally:
-            self._space_wanted = 0
+            play.space_wanted = 0
 
     async def _start(self, *, draining: bool = False) -> None:
         async with self._ctl:
             if self._running or self._stream is None:
                 return
-            self._draining = draining
             # Cleared only here, with no stream running: every waiter of the previous run
             # has seen its completion (the flag stays set until the next start).
-            self._cb_completed = False
-            self._cb_tail = 0
+            self._play.restart(draining=draining)
             self._done_evt.clear()
             self._running = True  # before start(): the first callback may run at once
             try:
@@ -497,7 +350,7 @@ class SoundCardSink(BaseSink):
                 await self._call(fn, "the audio stream to stop")
             finally:
                 self._running = False
-                self._draining = False
+                self._play.draining = False
 
     async def _completed(self, budget: float) -> bool:
         """Wait (at most ``budget`` s) until the callback has completed the running stream.
@@ -506,17 +359,18 @@ class SoundCardSink(BaseSink):
         may arrive after a restart), so it is cleared and the flag re-checked before waiting.
         """
         deadline = time.monotonic() + budget
-        while not self._cb_completed:
+        play = self._play
+        while not play.completed:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
             self._done_evt.clear()
-            if self._cb_completed:  # set between the check and the clear: no wake-up lost
+            if play.completed:  # set between the check and the clear: no wake-up lost
                 break
             try:
                 await asyncio.wait_for(self._done_evt.wait(), remaining)
             except TimeoutError:
-                return self._cb_completed
+                return play.completed
         return True
 
     async def _until_played(self) -> None:
@@ -524,7 +378,7 @@ class SoundCardSink(BaseSink):
         # pulse plugin the last ~50 ms were cut off), so wait until the DAC time of the last
         # sample that the completing callback computed. A deadline, not a guess: time.monotonic
         # plus PortAudio's outputBufferDacTime - currentTime.
-        delay = self._cb_end_at - time.monotonic()
+        delay = self._play.end_at - time.monotonic()
         if delay > 0:
             await asyncio.sleep(min(delay, self._timeout))
 
@@ -550,12 +404,13 @@ class SoundCardSink(BaseSink):
     def _sync_counters(self) -> None:
         if self._fmt is None:
             return
-        self._samples_played = min(self._from_device(self._cb_played), self._samples_written)
-        self._dropped_samples = self._from_device(self._dropped_dev + self._cb_dropped)
-        self._underruns = self._cb_underruns
-        self._first_sample_at = self._cb_first_at
+        play = self._play
+        self._samples_played = min(self._from_device(play.played), self._samples_written)
+        self._dropped_samples = self._from_device(self._dropped_dev + play.dropped)
+        self._underruns = play.underruns
+        self._first_sample_at = play.first_at
 
-    # -- consumer side (PortAudio's audio thread) -----------------------------------------
+    # -- called from PortAudio's audio thread ----------------------------------------------
 
     def _wake(self, callback: Callable[[], None]) -> None:
         loop = self._loop
@@ -565,91 +420,3 @@ class SoundCardSink(BaseSink):
             loop.call_soon_threadsafe(callback)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
-
-    def _fill(
-        self, out: npt.NDArray[np.int16], frames: int, dac_delay: float, underflow: bool
-    ) -> bool:
-        """Fill ``out`` (``frames`` x channels); return True to complete the stream.
-
-        Runs in PortAudio's thread: no blocking calls, no locks, no audio-sized allocation
-        (the slices below are views into preallocated arrays).
-        """
-        ring = self._ring
-        tail = ring.tail
-        avail = ring.head - tail
-        if self._fade_requested:
-            return self._fill_fade(out, frames, tail, avail, dac_delay)
-        n = avail if avail < frames else frames
-        if n:
-            self._cb_tail = 0
-            ring.copy_out(out, tail, n)
-            ring.tail = tail + n  # publish after the copy: the producer may reuse the slots
-            self._cb_played += n
-            if self._cb_first_at is None:
-                self._cb_first_at = time.monotonic() + dac_delay
-        done = False
-        if n < frames:
-            out[n:] = 0
-            if self._draining:
-                # Play `tail_ms` of silence after the last sample before completing: some
-                # paths (ALSA's pulse plugin) drop what is still buffered when the stream
-                # stops, so what they drop must be silence.
-                self._cb_tail += frames - n
-                done = self._cb_tail >= self._tail_frames
-            else:
-                underflow = True  # the ring ran dry mid-stream: silence was played
-        if underflow:
-            self._cb_underruns += 1
-        wanted = self._space_wanted
-        if wanted and ring.capacity - (ring.head - ring.tail) >= wanted:
-            self._space_wanted = 0
-            self._wake(self._space_evt.set)
-        if done:
-            self._cb_end_at = time.monotonic() + dac_delay + n / self._cb_rate
-            self._cb_completed = True
-            self._wake(self._done_evt.set)
-        return done
-
-    def _fill_fade(
-        self, out: npt.NDArray[np.int16], frames: int, tail: int, avail: int, dac_delay: float
-    ) -> bool:
-        # A linear ramp from full gain to 0 over the next `fade_ms` of queued audio (or what
-        # is queued, if less), spread over as many callbacks as it takes; then the rest of the
-        # queue is dropped and the stream completes. Gains are computed in place in
-        # preallocated buffers: g[i] = 1 - (pos + i + 1) / total, so the last sample is 0.
-        ring = self._ring
-        if self._fade_total == 0:
-            self._fade_total = min(self._gain.shape[0], avail)
-            self._fade_pos = 0
-        total, pos = self._fade_total, self._fade_pos
-        n = min(frames, total - pos)
-        if n > 0:
-            g = self._gain[:n]
-            np.add(self._ramp_idx[:n], pos + 1, out=g)
-            np.multiply(g, -1.0 / total, out=g)
-            np.add(g, 1.0, out=g)
-            ring.copy_out(out, tail, n)
-            s = self._scratch[:n]
-            np.multiply(out[:n], g[:, None], out=s)
-            np.copyto(out[:n], s, casting="unsafe")
-            self._cb_played += n
-            self._fade_pos = pos + n
-        out[n:] = 0
-        if self._fade_pos < total:
-            ring.tail = tail + n
-            return False
-        # Fade complete: drop the rest of the queue, then finish like a drain (a tail of
-        # silence, so that a path which drops its buffer on stop only drops silence).
-        head = ring.head
-        self._cb_dropped += head - (tail + n)
-        ring.tail = head
-        self._fade_requested = False
-        self._fade_total = 0
-        self._draining = True  # the loop is waiting for completion; _stop() resets it
-        self._cb_tail = frames - n
-        if self._cb_tail < self._tail_frames:
-            return False
-        self._cb_end_at = time.monotonic() + dac_delay + n / self._cb_rate
-        self._cb_completed = True
-        self._wake(self._done_evt.set)
-        return True

@@ -88,80 +88,103 @@ async def _trace(sink: SoundCardSink, points: list[tuple[float, int]]) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _play(sink: SoundCardSink, spec: dict[str, Any], signals: list[Any],
+                sizes: list[int], result: dict[str, Any]) -> None:  # fmt: skip
+    # Each signal is one utterance: write it all, then drain.
+    result["utterances"] = []
+    for x in signals:
+        points: list[tuple[float, int]] = []
+        ts = time.monotonic()
+        async with asyncio.TaskGroup() as tg:
+            tracer = tg.create_task(_trace(sink, points))
+            await _write_all(sink, x, sizes, pace_rate=spec.get("pace_rate"))
+            tw = time.monotonic()
+            await sink.drain()
+            td = time.monotonic()
+            tracer.cancel()
+        result["utterances"].append(
+            {"start": ts, "written": tw, "drained": td, "trace": points,
+             "stats": asdict(sink.stats())}
+        )
+
+
+async def _starve(sink: SoundCardSink, spec: dict[str, Any], signals: list[Any],
+                  sizes: list[int], result: dict[str, Any]) -> None:  # fmt: skip
+    # Half the signal, then no writes until the sink reports starvation, then the rest.
+    x = signals[0]
+    half = x.size // 2
+    await _write_all(sink, x[:half], sizes)
+    result["underruns_before_gap"] = sink.stats().underruns
+    tg0 = time.monotonic()
+    await _until(lambda: sink.stats().underruns > 0, within=10, what="an underrun")
+    result["gap_s"] = time.monotonic() - tg0
+    await _write_all(sink, x[half:], sizes)
+    await sink.drain()
+
+
+async def _interrupt(sink: SoundCardSink, spec: dict[str, Any], signals: list[Any],
+                     sizes: list[int], result: dict[str, Any]) -> None:  # fmt: skip
+    # A writer keeps the ring full; once the card has played `interrupt_after_s`,
+    # another task interrupts while that writer is blocked on back-pressure (barge-in).
+    rate = spec.get("rate", 24000)
+    x = signals[0]
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(_write_all(sink, x, sizes, stop=stop))
+        await _until(
+            lambda: sink.stats().samples_played >= spec["interrupt_after_s"] * rate,
+            within=10, what="playback progress",
+        )
+        ti = time.monotonic()
+        stop.set()
+        played = await sink.interrupt()
+        result["interrupt_s"] = time.monotonic() - ti
+        result["interrupt_returned"] = played
+    result["stats_after_interrupt"] = asdict(sink.stats())
+    if len(signals) > 1:
+        # The sink stays usable: the next utterance plays normally.
+        await _write_all(sink, signals[1], sizes)
+        await sink.drain()
+
+
+async def _devices(sink: SoundCardSink, spec: dict[str, Any], signals: list[Any],
+                   sizes: list[int], result: dict[str, Any]) -> None:  # fmt: skip
+    result["devices"] = [asdict(d) for d in list_output_devices(backend=sink.backend)]
+
+
+_SCENARIOS = {"play": _play, "starve": _starve, "interrupt": _interrupt, "devices": _devices}
+
+
+async def _open_error(sink: SoundCardSink, rate: int) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    try:
+        await sink.open(AudioFormat(sample_rate=rate))
+    except Exception as exc:
+        result["error"] = {"type": type(exc).__name__, "message": str(exc)}
+    finally:
+        await sink.aclose()
+    return result
+
+
 async def _scenario(spec: dict[str, Any]) -> dict[str, Any]:
     rate = spec.get("rate", 24000)
     sink = _sink(spec)
-    result: dict[str, Any] = {}
     signals = [np.load(p) for p in spec.get("signals", [])]
     sizes = spec.get("chunks", [480])
     scenario = spec["scenario"]
     t0 = time.monotonic()
     if scenario == "open_error":
-        try:
-            await sink.open(AudioFormat(sample_rate=rate))
-        except Exception as exc:
-            result["error"] = {"type": type(exc).__name__, "message": str(exc)}
-        finally:
-            await sink.aclose()
-        return result
+        return await _open_error(sink, rate)
+    result: dict[str, Any] = {}
     await sink.open(AudioFormat(sample_rate=rate))
     result["device_rate"] = sink.device_rate
     result["device"] = sink.device_info.name if sink.device_info else None
     t_open = time.monotonic()
     try:
-        if scenario == "play":
-            # Each signal is one utterance: write it all, then drain.
-            result["utterances"] = []
-            for x in signals:
-                points: list[tuple[float, int]] = []
-                ts = time.monotonic()
-                async with asyncio.TaskGroup() as tg:
-                    tracer = tg.create_task(_trace(sink, points))
-                    await _write_all(sink, x, sizes, pace_rate=spec.get("pace_rate"))
-                    tw = time.monotonic()
-                    await sink.drain()
-                    td = time.monotonic()
-                    tracer.cancel()
-                result["utterances"].append(
-                    {"start": ts, "written": tw, "drained": td, "trace": points,
-                     "stats": asdict(sink.stats())}
-                )
-        elif scenario == "starve":
-            # Half the signal, then no writes until the sink reports starvation, then the rest.
-            x = signals[0]
-            half = x.size // 2
-            await _write_all(sink, x[:half], sizes)
-            result["underruns_before_gap"] = sink.stats().underruns
-            tg0 = time.monotonic()
-            await _until(lambda: sink.stats().underruns > 0, within=10, what="an underrun")
-            result["gap_s"] = time.monotonic() - tg0
-            await _write_all(sink, x[half:], sizes)
-            await sink.drain()
-        elif scenario == "interrupt":
-            # A writer keeps the ring full; once the card has played `interrupt_after_s`,
-            # another task interrupts while that writer is blocked on back-pressure (barge-in).
-            x = signals[0]
-            stop = asyncio.Event()
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(_write_all(sink, x, sizes, stop=stop))
-                await _until(
-                    lambda: sink.stats().samples_played >= spec["interrupt_after_s"] * rate,
-                    within=10, what="playback progress",
-                )
-                ti = time.monotonic()
-                stop.set()
-                played = await sink.interrupt()
-                result["interrupt_s"] = time.monotonic() - ti
-                result["interrupt_returned"] = played
-            result["stats_after_interrupt"] = asdict(sink.stats())
-            if len(signals) > 1:
-                # The sink stays usable: the next utterance plays normally.
-                await _write_all(sink, signals[1], sizes)
-                await sink.drain()
-        elif scenario == "devices":
-            result["devices"] = [asdict(d) for d in list_output_devices(backend=sink.backend)]
-        else:
+        run = _SCENARIOS.get(scenario)
+        if run is None:
             raise SystemExit(f"unknown scenario {scenario!r}")
+        await run(sink, spec, signals, sizes, result)
     finally:
         await sink.aclose()
     result.update(t0=t0, t_open=t_open, t_closed=time.monotonic(), stats=asdict(sink.stats()))

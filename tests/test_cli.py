@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.samplegen import good_sample_wav, stereo_wav
 from tts_stream.cli import main
 from tts_stream.server import LocalServer
+from tts_stream.testing.samplegen import good_sample_wav, stereo_wav
 
 
 @pytest.fixture
@@ -167,8 +167,8 @@ def test_speak_to_sound_card_rtp_and_wav_at_once(tmp_path: Path) -> None:
     import sys
 
     from sinks.rtp import RtpPacket
-    from tests.audio_env import alsa_file_config
     from tests.rtp_receiver import decode_payloads
+    from tts_stream.testing.audio_env import alsa_file_config
 
     device = alsa_file_config(tmp_path)
     data = tmp_path / "data"

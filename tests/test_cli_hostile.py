@@ -15,8 +15,8 @@ import av
 import numpy as np
 import pytest
 
-from tests.samplegen import good_sample_wav
 from tts_stream.cli import main
+from tts_stream.testing.samplegen import good_sample_wav
 
 
 def _video_only_mp4() -> bytes:

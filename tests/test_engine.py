@@ -232,7 +232,7 @@ async def test_prewarm_makes_the_first_utterance_warm(server: LocalServer, voice
 
 
 async def test_check_sample_needs_no_network(tmp_path: Path) -> None:
-    from tests.samplegen import good_sample_wav
+    from tts_stream.testing.samplegen import good_sample_wav
 
     path = tmp_path / "voice.wav"
     path.write_bytes(good_sample_wav())
@@ -273,7 +273,7 @@ async def test_concurrent_utterances_share_the_pool(server: LocalServer, voice: 
 
 def test_run_helper_drives_the_engine_on_uvloop(tmp_path: Path) -> None:
     import tts_stream
-    from tests.conftest import _enroll
+    from tts_stream.testing.enroll import enroll_voice as _enroll
 
     async def main() -> int:
         async with LocalServer(port=0, backend="tone") as srv:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import samplegen as g
 from tts_stream.cli import main
+from tts_stream.testing import samplegen as g
 
 
 @pytest.fixture(autouse=True)

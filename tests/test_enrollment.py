@@ -40,8 +40,7 @@ from tts_stream.enrollment import (
 from tts_stream.messages import ENROLLMENT_PATH, VC_MODELS
 from tts_stream.samples import SampleReport
 from tts_stream.server import LocalServer
-
-from . import samplegen
+from tts_stream.testing import samplegen
 
 TIMEOUT = 20.0  # bound on every request in the loopback tests
 KEY = "sk-test-0123456789abcdef0123456789abcdef"

@@ -3,7 +3,7 @@
 Each ```python block runs in a fresh interpreter in a temporary directory holding the
 user's ``voice.wav`` (a generated 12 s clone sample), against the embedded LocalServer
 (espeak). The Pipecat example plays to the default sound card: here a private PulseAudio
-null sink (``tests/audio_env.py``), whose monitor is recorded to prove the bot was heard.
+null sink (``tts_stream.testing.audio_env``), whose monitor is recorded to prove the bot was heard.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.audio_env import PulseServer, pulse_null_sink_fixture  # noqa: F401 - fixture
-from tests.samplegen import good_sample_wav
+from tests.audio_env import pulse_null_sink_fixture  # noqa: F401 - fixture
+from tts_stream.testing.audio_env import PulseServer
+from tts_stream.testing.samplegen import good_sample_wav
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

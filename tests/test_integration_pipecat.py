@@ -41,12 +41,12 @@ from pipecat.tests.utils import SleepFrame, run_test
 
 from sinks import ArraySink, WavSink
 from tests.conftest import Enroll
-from tests.samplegen import good_sample_wav, low_rate_wav
 from tts_stream import Engine, SampleRejected, Voice
 from tts_stream.integrations.enroll import clone_voice, delete_voice
 from tts_stream.integrations.pipecat import SinkOutput, TtsStreamTTSService
 from tts_stream.messages import VC_MODELS
 from tts_stream.server import LocalServer
+from tts_stream.testing.samplegen import good_sample_wav, low_rate_wav
 
 PARAMS = PipelineParams(enable_metrics=True, enable_usage_metrics=True)
 TOKENS = ["Hello", " there", ",", " how", " are", " you", " today", "?", " I", " am", " fine", "."]

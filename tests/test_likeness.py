@@ -1,10 +1,10 @@
 """Voices that resemble their speakers: the torch-free encoder, the features, the goal.
 
-* tests/voice_encoder.py loads resemblyzer's bundled weights without torch (its one-time
+* tts_stream.testing.voice_encoder loads resemblyzer's bundled weights without torch (its one-time
   check against the torch reference is in bench/README.md) and separates voices.
 * server/likeness.py: features survive JSON, the formant ratio recovers a known vocal-tract
   scale, the transform moves pitch where it is told.
-* The goal, end to end on the piper backend with 6 sample speakers (tests/speakers.py):
+* The goal, end to end on the piper backend with 6 sample speakers (tts_stream/testing/speakers.py):
   each synthesized voice is closer to its own sample than to any other, and the transform
   raises similarity to the own sample by at least 0.1 over the untransformed backend.
 """
@@ -16,8 +16,6 @@ import asyncio
 import numpy as np
 import pytest
 
-from tests.speakers import PIPER_SPEAKERS, RATE, measure, sample
-from tests.voice_encoder import VoiceEncoder, cosine, load_weights
 from tts_stream.server import LocalServer
 from tts_stream.server.likeness import (
     Likeness,
@@ -29,8 +27,9 @@ from tts_stream.server.likeness import (
 )
 from tts_stream.server.piper import PIPER_SAMPLE_RATE, synthesize_piper
 from tts_stream.server.voices import VoiceStore
-
-from .samplegen import good_sample_wav, speech, wav_bytes
+from tts_stream.testing.samplegen import good_sample_wav, speech, wav_bytes
+from tts_stream.testing.speakers import PIPER_SPEAKERS, RATE, measure, sample
+from tts_stream.testing.voice_encoder import VoiceEncoder, cosine, load_weights
 
 
 @pytest.fixture(scope="module")

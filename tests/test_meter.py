@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.samplegen import clipped_speech, paused_speech, speech
 from tts_stream.meter import SCRIPTS, Meter, progress_line, render, script_for
+from tts_stream.testing.samplegen import clipped_speech, paused_speech, speech
 
 RATE = 24000
 

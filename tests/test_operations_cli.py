@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.samplegen import good_sample_wav
+from tts_stream.testing.samplegen import good_sample_wav
 
 KEY = "sk-test-operations"
 TIMEOUT = 60.0

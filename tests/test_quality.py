@@ -1,7 +1,7 @@
 """Recording-quality warnings (samples.measure_quality / quality_warnings), check by check.
 
 Each check gets a file that should trip it and one that should not, made by the generator
-(tests/samplegen.py); the measured value is in the test id and in the assertion message.
+(tts_stream.testing.samplegen); the measured value is in the test id and in the assertion message.
 The files pass every hard rule: these are warnings, and ``ok`` stays true.
 """
 
@@ -13,7 +13,6 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from tests import samplegen as g
 from tts_stream.samples import (
     CLIPPED_MAX_SHARE,
     DC_MAX,
@@ -25,6 +24,7 @@ from tts_stream.samples import (
     measure_quality,
     quality_warnings,
 )
+from tts_stream.testing import samplegen as g
 
 PCM16 = npt.NDArray[np.int16]
 RATE = 24000

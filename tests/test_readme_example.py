@@ -13,7 +13,7 @@ import sys
 import wave
 from pathlib import Path
 
-from tests.samplegen import good_sample_wav
+from tts_stream.testing.samplegen import good_sample_wav
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests import samplegen as g
-from tests.audio_env import REPO, PulseServer, pulse_daemon, pulse_null_sink_fixture
+from tests.audio_env import REPO, pulse_null_sink_fixture
+from tts_stream.testing import samplegen as g
+from tts_stream.testing.audio_env import PulseServer, pulse_daemon
 
 __all__ = ["pulse_null_sink_fixture"]
 

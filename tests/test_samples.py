@@ -1,6 +1,6 @@
 """Clone-sample checks (tts_stream.samples): every rule of protocol.md §4.7 with a real file.
 
-All inputs are real audio from tests/samplegen.py (espeak speech, PyAV-encoded MP3/M4A);
+All inputs are real audio from tts_stream.testing.samplegen (espeak speech, PyAV-encoded MP3/M4A);
 no check is faked. Pure tier: no event loop, no network.
 """
 
@@ -16,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests import samplegen as gen
 from tts_stream.errors import UsageError
 from tts_stream.samples import (
     ERROR_CODES,
@@ -30,6 +29,7 @@ from tts_stream.samples import (
     measure_pitch,
     sniff_container,
 )
+from tts_stream.testing import samplegen as gen
 
 RULES = {
     "format", "decode", "size", "data_uri_size", "duration", "sample_rate", "channels",

@@ -22,7 +22,6 @@ import aiohttp
 import orjson
 import pytest
 
-from tests import hostile, samplegen
 from tests.conftest import TIMEOUT
 from tts_stream.messages import ENROLLMENT_PATH, VC_MODELS, create_voice_request
 from tts_stream.samples import (
@@ -33,6 +32,7 @@ from tts_stream.samples import (
     inspect_sample,
 )
 from tts_stream.server import LocalServer
+from tts_stream.testing import hostile, samplegen
 
 
 async def create(srv: LocalServer, sample: bytes, mime: str = "audio/wav") -> tuple[int, Any]:

@@ -23,7 +23,6 @@ import pytest
 from aiohttp import web
 from websockets.asyncio.client import connect
 
-from tests import samplegen
 from tests.conftest import Enroll
 from tts_stream.messages import (
     ENROLLMENT_MODEL,
@@ -37,6 +36,7 @@ from tts_stream.messages import (
 )
 from tts_stream.samples import data_uri, inspect_sample, measure_pitch
 from tts_stream.server import LocalServer
+from tts_stream.testing import samplegen
 
 TIMEOUT = 20.0
 NAME_RE = re.compile(r"^qwen-tts-vc-(?P<pref>[A-Za-z0-9_]{1,16})-voice-(?P<ts>\d{17})-[0-9a-f]{4}$")

@@ -22,9 +22,9 @@ import orjson
 import pytest
 
 from tests.conftest import TIMEOUT
-from tests.hostile import raw_request
 from tts_stream.messages import ENROLLMENT_PATH
 from tts_stream.server import LocalServer
+from tts_stream.testing.hostile import raw_request
 
 LIST = b'{"model":"qwen-voice-enrollment","input":{"action":"list"}}'
 

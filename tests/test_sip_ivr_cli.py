@@ -15,8 +15,8 @@ import pytest
 
 from sinks.g711 import ulaw_decode, ulaw_encode
 from tests.rtp_receiver import free_udp_port
-from tests.samplegen import good_sample_wav
 from tts_stream.cli import main
+from tts_stream.testing.samplegen import good_sample_wav
 
 pytestmark = pytest.mark.peer
 

@@ -18,11 +18,11 @@ import pytest
 
 from sinks import ArraySink
 from sinks.g711 import ulaw_decode, ulaw_encode
-from tests.conftest import _enroll
 from tests.rtp_receiver import free_udp_port
 from tts_stream import Engine
 from tts_stream.server import LocalServer
 from tts_stream.telephony.agent import Call, SipAgent
+from tts_stream.testing.enroll import enroll_voice as _enroll
 
 pytestmark = pytest.mark.peer
 

@@ -39,15 +39,12 @@ from sinks.soundcard import (
 )
 from tests.audio_env import (
     REPO,
-    AlsaFileDevice,
-    PulseServer,
     alsa_file_device_fixture,  # noqa: F401 - the fixture "alsa_file_device"
-    find_signal,
-    pulse_daemon,
     pulse_null_sink_fixture,  # noqa: F401 - the fixture "pulse_null_sink"
     run_scenario,
 )
 from tts_stream.errors import UsageError
+from tts_stream.testing.audio_env import AlsaFileDevice, PulseServer, find_signal, pulse_daemon
 
 pytestmark = pytest.mark.soundcard
 

@@ -26,13 +26,10 @@ import numpy.typing as npt
 import pytest
 
 from sinks import SoundCardSink
-from tests.audio_env import (
-    PulseServer,
-    pulse_null_sink_fixture,  # noqa: F401 - the fixture "pulse_null_sink"
-    reinit_portaudio,
-)
+from tests.audio_env import pulse_null_sink_fixture  # noqa: F401 - the fixture "pulse_null_sink"
 from tests.sink_conformance import CHECKS, SinkFactory, SinkUnderTest, check_id
 from tts_stream.audio import PCM16, AudioFormat
+from tts_stream.testing.audio_env import PulseServer, reinit_portaudio
 
 pytestmark = pytest.mark.soundcard
 

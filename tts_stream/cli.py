@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .environment import API_KEY_ENV, LOCAL_KEY_PREFIX, default_data_dir
 from .errors import TtsStreamError, UsageError
 from .messages import VC_MODELS
 
@@ -34,12 +35,7 @@ __all__ = ["main"]
 log = logging.getLogger(__name__)
 
 #: Key of the embedded local server: voices created through it belong to this key.
-EMBEDDED_API_KEY = "sk-local-embedded"
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("TTS_STREAM_DATA")
-    return Path(env) if env else Path.home() / ".local" / "share" / "tts-stream"
+EMBEDDED_API_KEY = LOCAL_KEY_PREFIX + "embedded"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +152,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .server import run_serve
         from .server.synth import default_backend
 
-        key = args.api_key or os.environ.get("DASHSCOPE_API_KEY")
+        key = args.api_key or os.environ.get(API_KEY_ENV)
         backend = args.backend or default_backend()
         return run_serve(
             host=args.host, port=args.port, backend=backend, pacing=args.pacing,
@@ -170,7 +166,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("record", "enroll"):
         return _record_command(args)
     if args.command == "demo":
-        from .demo import run_demo
+        from ._demo import run_demo
 
         return _run(run_demo(out=args.out, play=not args.no_play,
                              data_dir=args.data_dir or default_data_dir()))  # fmt: skip
@@ -233,13 +229,13 @@ class _Target:
 @contextlib.asynccontextmanager
 async def _target(args: argparse.Namespace) -> AsyncIterator[_Target]:
     """The service to talk to: the real one, a given base URL, or the embedded local server."""
-    key = os.environ.get("DASHSCOPE_API_KEY")
+    key = os.environ.get(API_KEY_ENV)
     if key or args.base_url:
         yield _Target(args.base_url, key)
         return
     if args.region or args.workspace:
         raise UsageError(
-            "DASHSCOPE_API_KEY is not set: export it to use the DashScope service "
+            f"{API_KEY_ENV} is not set: export it to use the DashScope service "
             "(or drop --region/--workspace to use the local server)"
         )
     from .server import LocalServer

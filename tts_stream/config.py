@@ -18,12 +18,11 @@ from types import MappingProxyType
 from urllib.parse import quote, urlsplit
 
 from . import __version__
+from .environment import API_KEY_ENV
 from .errors import UsageError
 from .messages import REALTIME_PATH
 
 __all__ = ["API_KEY_ENV", "REGIONS", "Endpoint"]
-
-API_KEY_ENV = "DASHSCOPE_API_KEY"
 
 # protocol.md §2.1: the VC models and qwen-voice-enrollment are documented for these two.
 REGIONS: Mapping[str, tuple[str, str]] = MappingProxyType(

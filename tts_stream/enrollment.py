@@ -39,9 +39,8 @@ import email.utils
 import logging
 import os
 import random
-import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,15 +64,20 @@ from .errors import (
 from .messages import (
     ENROLLMENT_LANGUAGES,
     ENROLLMENT_PATH,
+    MAX_PAGE,
     VC_MODELS,
+    CreatedVoice,
     VoiceInfo,
+    VoicePage,
     create_voice_request,
     delete_voice_request,
+    is_preferred_name,
     list_voices_request,
     parse_created_voice,
     parse_enrollment_error,
     parse_voice_page,
 )
+from .samples import data_uri, inspect_sample
 
 __all__ = [
     "ENROLLMENT_LANGUAGES",
@@ -89,9 +93,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# protocol.md §4.2: the only values `input.language` takes.
-_NAME_RE = re.compile(r"[A-Za-z0-9_]{1,16}")
-_MAX_PAGE_INDEX = 1_000_000  # §4.3 range; a guard against a server that never ends a listing
+# The §4.3 range of page_index, MAX_PAGE, is also the guard against a server that never ends
+# a listing.
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float) -> float | None
 
 def validate_preferred_name(name: object) -> str:
     """Return ``name`` if it is a valid ``preferred_name`` (§4.2), else raise UsageError."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+    if not is_preferred_name(name):
         raise UsageError(f"preferred_name must be 1-16 ASCII letters, digits or '_', got {name!r}")
     return name
 
@@ -177,21 +180,9 @@ class Voice:
         return self.name
 
 
-@dataclass(frozen=True)
-class Page:
-    """One page of :meth:`Voices.list`; paging fields are ``None`` when the server omits them."""
-
-    voices: tuple[Voice, ...]
-    page_index: int | None = None
-    page_size: int | None = None
-    total_count: int | None = None
-    request_id: str | None = None
-
-    def __iter__(self) -> Iterator[Voice]:
-        return iter(self.voices)
-
-    def __len__(self) -> int:
-        return len(self.voices)
+#: One page of :meth:`Voices.list` (a ``VoicePage[Voice]``); paging fields are ``None`` when
+#: the server omits them.
+Page = VoicePage
 
 
 class _Failure(Exception):
@@ -299,18 +290,7 @@ class Voices:
             ServerError (and subclasses): the service refused; QuotaExceeded at 1000 voices.
             ConnectionFailed, Timeout, ProtocolViolation.
         """
-        validate_preferred_name(preferred_name)
-        if target_model not in VC_MODELS:
-            raise UsageError(
-                f"target_model must be one of {', '.join(VC_MODELS)}, got {target_model!r}"
-            )
-        if language is not None and language not in ENROLLMENT_LANGUAGES:
-            raise UsageError(
-                f"language must be one of {', '.join(ENROLLMENT_LANGUAGES)} "
-                f"(the clip's language), got {language!r}"
-            )
-        if text is not None and (not isinstance(text, str) or not text.strip()):
-            raise UsageError("text, when given, must be the non-empty transcript of the clip")
+        _check_create_options(preferred_name, target_model, language, text)
         audio = await _audio_data(sample, check=check)
         payload = create_voice_request(
             target_model=target_model,
@@ -321,48 +301,19 @@ class Voices:
         )
         body = await self._send("create", payload, idempotent=False, limit_s=self._create_timeout)
         assert body is not None  # only delete tolerates an already-done retry
-        created = parse_created_voice(body)
-        if created.target_model and created.target_model != target_model:
-            log.warning(
-                "voice %s was bound to %s, not the requested %s",
-                created.voice,
-                created.target_model,
-                target_model,
-            )
-        if created.fallback_mode:
-            log.warning(
-                "voice %s was cloned in fallback mode (%s): expect lower quality",
-                created.voice,
-                created.fallback_reason or "no reason given",
-            )
-        log.info("created voice %s for %s", created.voice, created.target_model or target_model)
-        return Voice(
-            name=created.voice,
-            target_model=created.target_model or target_model,
-            language=language,
-            created=None,
-            fallback_mode=created.fallback_mode,
-            fallback_reason=created.fallback_reason,
-        )
+        return _created_voice(parse_created_voice(body), target_model, language)
 
-    async def list(self, page_index: int = 0, page_size: int = 10) -> Page:
+    async def list(self, page_index: int = 0, page_size: int = 10) -> Page[Voice]:
         """One page of the account's voices (``page_index`` is 0-based)."""
-        if not _is_int(page_index) or not 0 <= page_index <= _MAX_PAGE_INDEX:
-            raise UsageError(f"page_index must be an int in [0, {_MAX_PAGE_INDEX}]")
-        if not _is_int(page_size) or not 1 <= page_size <= _MAX_PAGE_INDEX:
+        if not _is_int(page_index) or not 0 <= page_index <= MAX_PAGE:
+            raise UsageError(f"page_index must be an int in [0, {MAX_PAGE}]")
+        if not _is_int(page_size) or not 1 <= page_size <= MAX_PAGE:
             # §8: older pages allowed 0, the newer range starts at 1; 0 lists nothing anyway.
-            raise UsageError(f"page_size must be an int in [1, {_MAX_PAGE_INDEX}]")
+            raise UsageError(f"page_size must be an int in [1, {MAX_PAGE}]")
         payload = list_voices_request(page_index=page_index, page_size=page_size)
         body = await self._send("list", payload, idempotent=True, limit_s=self._timeout)
         assert body is not None
-        page = parse_voice_page(body)
-        return Page(
-            voices=tuple(_voice_from_info(v) for v in page.voices),
-            page_index=page.page_index,
-            page_size=page.page_size,
-            total_count=page.total_count,
-            request_id=page.request_id,
-        )
+        return parse_voice_page(body).map(_voice_from_info)
 
     async def all(self, page_size: int = 100) -> AsyncIterator[Voice]:
         """Every voice of the account, fetching page after page.
@@ -422,9 +373,9 @@ class Voices:
 
     # --- transport ----------------------------------------------------------------------
 
-    async def _pages(self, page_size: int) -> AsyncGenerator[Page, None]:
+    async def _pages(self, page_size: int) -> AsyncGenerator[Page[Voice], None]:
         seen = 0
-        for index in range(_MAX_PAGE_INDEX + 1):
+        for index in range(MAX_PAGE + 1):
             page = await self.list(index, page_size)
             yield page
             seen += len(page.voices)
@@ -432,7 +383,7 @@ class Voices:
                 return
             if page.total_count is not None and seen >= page.total_count:
                 return
-        raise ProtocolViolation(f"voice listing did not end after {_MAX_PAGE_INDEX} pages")
+        raise ProtocolViolation(f"voice listing did not end after {MAX_PAGE} pages")
 
     async def _send(
         self, action: str, payload: dict[str, Any], *, idempotent: bool, limit_s: float
@@ -470,42 +421,8 @@ class Voices:
         self, action: str, payload: dict[str, Any], limit_s: float
     ) -> dict[str, Any]:
         """One POST; the single place where aiohttp and HTTP errors become ours."""
-        url = self._endpoint.http_url(ENROLLMENT_PATH)
-        headers = self._endpoint.headers()
-        headers["Content-Type"] = "application/json"
-        headers["Accept"] = "application/json"
-        data = orjson.dumps(payload)
         started = time.monotonic()
-        try:
-            async with asyncio.timeout(limit_s):
-                # No redirects: a POST API has no reason to redirect, and following one
-                # could carry the Authorization header to another host.
-                async with self._session.post(
-                    url, data=data, headers=headers, allow_redirects=False
-                ) as resp:
-                    raw = await resp.read()
-                    status, reason, resp_headers = resp.status, resp.reason, resp.headers
-        except TimeoutError as exc:
-            raise _Failure(Timeout(f"enrollment {action} response", limit_s), exc) from None
-        except aiohttp.ClientSSLError as exc:
-            # Certificate or TLS failure: deterministic, nothing to retry.
-            raise _Failure(ConnectionFailed(f"TLS failure talking to {url}: {exc}"), exc) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise _Failure(
-                ConnectionFailed(f"cannot connect to {url}: {exc.os_error or exc}"),
-                exc,
-                nothing_sent=True,
-            ) from None
-        except aiohttp.ClientResponseError as exc:
-            # Its repr carries the request headers (the key): keep it out of the chain.
-            raise _Failure(
-                ConnectionFailed(f"bad HTTP response from {url}: HTTP {exc.status} {exc.message}")
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise _Failure(
-                ConnectionFailed(f"{action} to {url} failed: {type(exc).__name__}: {exc}"),
-                exc,
-            ) from None
+        status, reason, resp_headers, raw = await self._post(action, payload, limit_s)
         key = self._endpoint.api_key
         if key and key.encode() in raw:  # a server that echoes the key: keep it out of all
             raw = raw.replace(key.encode(), b"sk-***")
@@ -548,6 +465,47 @@ class Voices:
             body["request_id"] = header_rid
         return body
 
+    async def _post(
+        self, action: str, payload: dict[str, Any], limit_s: float
+    ) -> tuple[int, str | None, Mapping[str, str], bytes]:
+        """The HTTP exchange of one try: status, reason, headers and body, or a _Failure."""
+        url = self._endpoint.http_url(ENROLLMENT_PATH)
+        headers = self._endpoint.headers()
+        headers["Content-Type"] = "application/json"
+        headers["Accept"] = "application/json"
+        data = orjson.dumps(payload)
+        try:
+            async with asyncio.timeout(limit_s):
+                # No redirects: a POST API has no reason to redirect, and following one
+                # could carry the Authorization header to another host.
+                async with self._session.post(
+                    url, data=data, headers=headers, allow_redirects=False
+                ) as resp:
+                    raw = await resp.read()
+                    status, reason, resp_headers = resp.status, resp.reason, resp.headers
+        except TimeoutError as exc:
+            raise _Failure(Timeout(f"enrollment {action} response", limit_s), exc) from None
+        except aiohttp.ClientSSLError as exc:
+            # Certificate or TLS failure: deterministic, nothing to retry.
+            raise _Failure(ConnectionFailed(f"TLS failure talking to {url}: {exc}"), exc) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise _Failure(
+                ConnectionFailed(f"cannot connect to {url}: {exc.os_error or exc}"),
+                exc,
+                nothing_sent=True,
+            ) from None
+        except aiohttp.ClientResponseError as exc:
+            # Its repr carries the request headers (the key): keep it out of the chain.
+            raise _Failure(
+                ConnectionFailed(f"bad HTTP response from {url}: HTTP {exc.status} {exc.message}")
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise _Failure(
+                ConnectionFailed(f"{action} to {url} failed: {type(exc).__name__}: {exc}"),
+                exc,
+            ) from None
+        return status, reason, resp_headers, raw
+
     def _server_error(
         self, body: Any, status: int, reason: str | None, header_rid: str | None
     ) -> ServerError:
@@ -576,6 +534,50 @@ async def open_voices(
     """
     async with aiohttp.ClientSession() as session:
         yield Voices(session, endpoint, retry=retry, timeout=timeout, create_timeout=create_timeout)
+
+
+def _check_create_options(
+    preferred_name: str, target_model: str, language: str | None, text: str | None
+) -> None:
+    """The local checks of a create's options (§4.2), before anything is read or sent."""
+    validate_preferred_name(preferred_name)
+    if target_model not in VC_MODELS:
+        raise UsageError(
+            f"target_model must be one of {', '.join(VC_MODELS)}, got {target_model!r}"
+        )
+    if language is not None and language not in ENROLLMENT_LANGUAGES:
+        raise UsageError(
+            f"language must be one of {', '.join(ENROLLMENT_LANGUAGES)} "
+            f"(the clip's language), got {language!r}"
+        )
+    if text is not None and (not isinstance(text, str) or not text.strip()):
+        raise UsageError("text, when given, must be the non-empty transcript of the clip")
+
+
+def _created_voice(created: CreatedVoice, target_model: str, language: str | None) -> Voice:
+    """The :class:`Voice` of a create's answer, logging what the caller should know."""
+    if created.target_model and created.target_model != target_model:
+        log.warning(
+            "voice %s was bound to %s, not the requested %s",
+            created.voice,
+            created.target_model,
+            target_model,
+        )
+    if created.fallback_mode:
+        log.warning(
+            "voice %s was cloned in fallback mode (%s): expect lower quality",
+            created.voice,
+            created.fallback_reason or "no reason given",
+        )
+    log.info("created voice %s for %s", created.voice, created.target_model or target_model)
+    return Voice(
+        name=created.voice,
+        target_model=created.target_model or target_model,
+        language=language,
+        created=None,
+        fallback_mode=created.fallback_mode,
+        fallback_reason=created.fallback_reason,
+    )
 
 
 def _is_int(v: object) -> bool:
@@ -609,9 +611,6 @@ async def _audio_data(sample: str | os.PathLike[str] | bytes, *, check: bool) ->
         raise UsageError(
             f"sample must be a path, bytes or an http(s) URL, not {type(sample).__name__}"
         )
-    # Imported here: sample inspection pulls in PyAV and the VAD, which only create needs.
-    from .samples import data_uri, inspect_sample
-
     # inspect_sample reads a path itself, at most a little over the size limit, so a huge
     # file is refused without loading it; the bytes are read only once it passed.
     report = await asyncio.to_thread(inspect_sample, sample)

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeGuard, TypeVar
 
 import orjson
 
@@ -32,7 +33,9 @@ __all__ = [
     "ENROLLMENT_MODEL",
     "ENROLLMENT_PATH",
     "LANGUAGE_TYPES",
+    "MAX_PAGE",
     "MODES",
+    "PREFERRED_NAME_RE",
     "REALTIME_PATH",
     "RESPONSE_FORMATS",
     "SAMPLE_RATES",
@@ -71,6 +74,7 @@ __all__ = [
     "delete_voice_request",
     "dumpb",
     "dumps",
+    "is_preferred_name",
     "list_voices_request",
     "load_event_object",
     "new_event_id",
@@ -471,6 +475,16 @@ def parse_client_event(frame: str | bytes) -> ClientEvent | UnknownEvent:
 
 # --- enrollment (§4) ---------------------------------------------------------------------------
 
+#: §4.2: ``preferred_name`` is 1-16 ASCII letters, digits or underscores (use ``fullmatch``).
+PREFERRED_NAME_RE = re.compile(r"[A-Za-z0-9_]{1,16}")
+#: §4.3: the largest ``page_index`` / ``page_size`` of a list request.
+MAX_PAGE = 1_000_000
+
+
+def is_preferred_name(name: object) -> TypeGuard[str]:
+    """Whether ``name`` is a valid ``preferred_name`` (§4.2), for the client and the server."""
+    return isinstance(name, str) and PREFERRED_NAME_RE.fullmatch(name) is not None
+
 
 def create_voice_request(
     *,
@@ -529,15 +543,37 @@ class VoiceInfo:
     language: str | None = None
 
 
-@dataclass(frozen=True)
-class VoicePage:
-    """One page of ``list``; paging fields exist only in the newer shape."""
+_V = TypeVar("_V")
+_W = TypeVar("_W")
 
-    voices: tuple[VoiceInfo, ...]
+
+@dataclass(frozen=True)
+class VoicePage(Generic[_V]):
+    """One page of ``list``: its voices and the paging fields, ``None`` when the server omits
+    them (they exist only in the newer shape). Iterating a page iterates its voices.
+
+    :func:`parse_voice_page` gives a page of :class:`VoiceInfo`; the enrollment client maps
+    it to its own voices with :meth:`map` (``enrollment.Page`` is this class).
+    """
+
+    voices: tuple[_V, ...]
     page_index: int | None = None
     page_size: int | None = None
     total_count: int | None = None
     request_id: str | None = None
+
+    def __iter__(self) -> Iterator[_V]:
+        return iter(self.voices)
+
+    def __len__(self) -> int:
+        return len(self.voices)
+
+    def map(self, convert: Callable[[_V], _W]) -> VoicePage[_W]:
+        """The same page with each voice converted."""
+        return VoicePage(
+            tuple(convert(v) for v in self.voices),
+            self.page_index, self.page_size, self.total_count, self.request_id,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -589,7 +625,7 @@ def parse_created_voice(body: Any) -> CreatedVoice:
     )
 
 
-def parse_voice_page(body: Any) -> VoicePage:
+def parse_voice_page(body: Any) -> VoicePage[VoiceInfo]:
     out = _output(body)
     items = out.get("voice_list", [])
     if not isinstance(items, list):

@@ -22,7 +22,6 @@ import asyncio
 import errno
 import logging
 import os
-import secrets
 import shutil
 import signal
 import stat
@@ -38,6 +37,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from ..environment import API_KEY_ENV, default_data_dir, new_local_key
 from ..errors import ClosedError, UsageError
 from ..messages import REALTIME_PATH
 from .app import EnrollmentConfig, ServerApp, is_loopback_host
@@ -56,15 +56,8 @@ log = logging.getLogger(__name__)
 _http_log = logging.getLogger(__name__ + ".http")
 _http_log.addFilter(ClientFaultFilter((HttpProcessingError, ConnectionError, RequestPayloadError)))
 
-DATA_ENV = "TTS_STREAM_DATA"
 _DB_NAME = "voices.sqlite3"
 _DAY = 86400.0
-
-
-def default_data_dir() -> Path:
-    """``$TTS_STREAM_DATA`` or ``~/.local/share/tts-stream`` (the ``serve`` default)."""
-    env = os.environ.get(DATA_ENV)
-    return Path(env) if env else Path.home() / ".local" / "share" / "tts-stream"
 
 
 def public_bind_warning(host: str) -> str | None:
@@ -221,7 +214,7 @@ class LocalServer:
         self._backend = backend
         self._synthesizer = synthesizer
         self._data_dir_opt = Path(data_dir) if data_dir is not None else None
-        self.api_key = api_key or "sk-local-" + secrets.token_hex(16)
+        self.api_key = api_key or new_local_key()
         self._clock = clock
         self._backlog = backlog
         self._max_connections = max_connections
@@ -428,7 +421,7 @@ def run_serve(
     """
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
     key_file: Path | None = None
-    key = api_key or os.environ.get("DASHSCOPE_API_KEY")
+    key = api_key or os.environ.get(API_KEY_ENV)
     try:
         if not key:
             key_file = directory / "api_key"
@@ -486,7 +479,7 @@ def _read_or_create_key(key_file: Path) -> str:
         if key:
             return key
         os.unlink(key_file)  # empty (an interrupted first start): make a new one
-    key = "sk-local-" + secrets.token_hex(16)
+    key = new_local_key()
     with os.fdopen(create_private_file(key_file), "w") as f:
         f.write(key + "\n")
     return key

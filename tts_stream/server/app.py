@@ -50,6 +50,7 @@ from ..messages import (
     ENROLLMENT_LANGUAGES,
     ENROLLMENT_MODEL,
     ENROLLMENT_PATH,
+    MAX_PAGE,
     REALTIME_PATH,
     VC_MODELS,
 )
@@ -67,7 +68,6 @@ log = logging.getLogger(__name__)
 
 _AUDIO_MIMES = ("audio/wav", "audio/mpeg", "audio/mp4")
 _DATA_URI = re.compile(r"^data:([A-Za-z0-9.+/-]+);base64,", re.ASCII)
-_MAX_PAGE = 1_000_000
 _MSG_PARAM = "Required parameter({}) missing or invalid, please check the request parameters."
 
 
@@ -409,8 +409,8 @@ class ServerApp:
         page_index = inp.get("page_index", 0)
         page_size = inp.get("page_size", 10)
         for name, value in (("page_index", page_index), ("page_size", page_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_PAGE:
-                _bad_param(name, f"Expected an integer in [0, {_MAX_PAGE}].")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PAGE:
+                _bad_param(name, f"Expected an integer in [0, {MAX_PAGE}].")
         voices, total = self.store.page(owner, page_index=page_index, page_size=page_size)
         items = []
         for v in voices:

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..messages import PREFERRED_NAME_RE
+
 __all__ = [
     "PREFERRED_NAME_RE",
     "VOICE_NAME_RE",
@@ -38,8 +40,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PREFERRED_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,16}$")
-VOICE_NAME_RE = re.compile(r"^qwen-tts-vc-[A-Za-z0-9_]{1,16}-voice-\d{17}-[0-9a-f]{4}$")
+VOICE_NAME_RE = re.compile(
+    rf"^qwen-tts-vc-{PREFERRED_NAME_RE.pattern}-voice-\d{{17}}-[0-9a-f]{{4}}$"
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS voices (

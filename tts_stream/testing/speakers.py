@@ -2,15 +2,15 @@
 
 Speakers (all made here, deterministic but for piper's voice noise):
 
-* ``piper_x<r>``: the piper voice reading :data:`tests.samplegen.SENTENCES` "on tape" played
+* ``piper_x<r>``: the piper voice reading :data:`.samplegen.SENTENCES` "on tape" played
   ``r`` times faster (resampling: pitch and formants scale by ``r``), then cut to 12 s. An
   algorithm unlike the server's transform (Praat PSOLA), so the measure is not circular.
-* ``espeak_<variant>``: espeak-ng variants at several pitches (``tests.samplegen.speech``).
+* ``espeak_<variant>``: espeak-ng variants at several pitches (``samplegen.speech``).
 
 :func:`measure` enrolls each speaker's sample on a running :class:`LocalServer`, speaks
 :data:`TEST_TEXT` (a text none of them read) with each voice through the engine, and also
 speaks it with the backend untransformed; every output is compared with every sample by
-the torch-free resemblyzer encoder (:mod:`tests.voice_encoder`).
+the torch-free resemblyzer encoder (:mod:`tts_stream.testing.voice_encoder`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import numpy.typing as npt
 import soxr
 
 from sinks import ArraySink
-from tests.samplegen import SENTENCES, speech, wav_bytes
-from tests.voice_encoder import VoiceEncoder, cosine
 from tts_stream import Engine
 from tts_stream.server import LocalServer
 from tts_stream.server.piper import PIPER_SAMPLE_RATE, synthesize_piper
+from tts_stream.testing.samplegen import SENTENCES, speech, wav_bytes
+from tts_stream.testing.voice_encoder import VoiceEncoder, cosine
 
 __all__ = ["ESPEAK_SPEAKERS", "PIPER_SPEAKERS", "TEST_TEXT", "Result", "measure", "sample"]
 
@@ -56,6 +56,7 @@ def _piper_reading() -> PCM16:
 @functools.cache
 def sample(name: str, seconds: float = 12.0) -> PCM16:
     """A speaker's 24 kHz sample (read-only)."""
+    pcm: PCM16
     if name in PIPER_SPEAKERS:
         r = PIPER_SPEAKERS[name]
         tape = soxr.resample(_piper_reading().astype(np.float32), PIPER_SAMPLE_RATE * r, RATE)

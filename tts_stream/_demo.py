@@ -4,7 +4,9 @@ It makes a short speech sample (espeak, so no recording is needed), checks it th
 create would be checked, clones it on a local DashScope-compatible server started in this
 process, speaks a paragraph through the cloned voice into a WAV file and to the sound card
 when one is present, and prints a small table of latency metrics. This module is a CLI
-boundary: it prints progress for a human.
+boundary: it prints progress for a human. Private: only ``tts_stream.cli`` imports it, on
+``tts-stream demo``, so ``import tts_stream`` never loads it (it composes the engine, the
+local server and the sinks, like the CLI).
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ import wave
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import MissingDependency, TtsStreamError, UsageError
 from .messages import VC_MODELS
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .enrollment import Voice
+    from .metrics import UtteranceMetrics
+    from .server import LocalServer
 
 __all__ = ["PARAGRAPH", "SAMPLE_TEXT", "make_sample", "run_demo"]
 
@@ -84,31 +92,11 @@ def _sound_card_sink() -> Any | None:
 
 async def run_demo(*, out: Path, play: bool, data_dir: Path) -> int:
     """Run the whole demo; returns the process exit code."""
-    from sinks import WavSink
-
     from .engine import Engine
-    from .samples import inspect_sample
-    from .server import LocalServer
-    from .server.synth import default_backend
 
     _say("tts-stream demo: clone a voice and speak with it, all on this machine")
-    sample = data_dir / "demo-sample.wav"
-    with _step(f"1/5 making a 15 s speech sample ({sample})"):
-        make_sample(sample)
-    with _step("2/5 checking the sample (the same rules as the cloud service)"):
-        report = inspect_sample(sample)
-    if not report.ok:
-        problems = "; ".join(map(str, report.problems))
-        raise UsageError(f"the demo sample failed its own checks: {problems}")
-    _say(f"      {report.duration_s:.1f} s, {report.sample_rate} Hz, longest speech "
-         f"{report.longest_speech_s:.1f} s, pitch {report.pitch_hz or 0:.0f} Hz")  # fmt: skip
-
-    try:
-        backend = default_backend()
-        server = LocalServer(data_dir=data_dir, backend=backend)
-        await server.start()
-    except OSError as exc:
-        raise TtsStreamError(f"could not start the local server: {exc}") from exc
+    sample = _checked_sample(data_dir / "demo-sample.wav")
+    server, backend = await _start_server(data_dir)
     try:
         _say(f"  local DashScope-compatible server at {server.base_url}, speaking with "
              f"the {backend} backend")
@@ -119,22 +107,61 @@ async def run_demo(*, out: Path, play: bool, data_dir: Path) -> int:
                 )
             _say(f"      voice {voice.name}")
             try:
-                sinks: list[Any] = [WavSink(out)]
-                card = _sound_card_sink() if play else None
-                if card is not None:
-                    sinks.append(card)
-                with _step(f"4/5 speaking a paragraph into {out}"
-                           + (" and the sound card" if card is not None else "")):  # fmt: skip
-                    async with engine.speak(voice, sinks=sinks) as speech:
-                        for word in PARAGRAPH.split(" "):  # as an LLM would stream tokens
-                            await speech.push(word + " ")
-                m = speech.metrics
+                m = await _speak(engine, voice, out, play)
             finally:
                 with _step("5/5 deleting the demo voice"):
                     await engine.voices.delete(voice, missing_ok=True)
     finally:
         await server.aclose()
+    _print_latency(m)
+    _say(f"\nwrote {out}. Next: `tts-stream serve`, then see README.md for the API.")
+    return 0
 
+
+def _checked_sample(sample: Path) -> Path:
+    from .samples import inspect_sample
+
+    with _step(f"1/5 making a 15 s speech sample ({sample})"):
+        make_sample(sample)
+    with _step("2/5 checking the sample (the same rules as the cloud service)"):
+        report = inspect_sample(sample)
+    if not report.ok:
+        problems = "; ".join(map(str, report.problems))
+        raise UsageError(f"the demo sample failed its own checks: {problems}")
+    _say(f"      {report.duration_s:.1f} s, {report.sample_rate} Hz, longest speech "
+         f"{report.longest_speech_s:.1f} s, pitch {report.pitch_hz or 0:.0f} Hz")  # fmt: skip
+    return sample
+
+
+async def _start_server(data_dir: Path) -> tuple[LocalServer, str]:
+    from .server import LocalServer
+    from .server.synth import default_backend
+
+    try:
+        backend = default_backend()
+        server = LocalServer(data_dir=data_dir, backend=backend)
+        await server.start()
+    except OSError as exc:
+        raise TtsStreamError(f"could not start the local server: {exc}") from exc
+    return server, backend
+
+
+async def _speak(engine: Engine, voice: Voice, out: Path, play: bool) -> UtteranceMetrics:
+    from sinks import WavSink
+
+    sinks: list[Any] = [WavSink(out)]
+    card = _sound_card_sink() if play else None
+    if card is not None:
+        sinks.append(card)
+    with _step(f"4/5 speaking a paragraph into {out}"
+               + (" and the sound card" if card is not None else "")):  # fmt: skip
+        async with engine.speak(voice, sinks=sinks) as speech:
+            for word in PARAGRAPH.split(" "):  # as an LLM would stream tokens
+                await speech.push(word + " ")
+    return speech.metrics
+
+
+def _print_latency(m: UtteranceMetrics) -> None:
     rows = [
         ("connection acquire", m.acquire_ms),
         ("first text -> response.created", m.response_created_ms),
@@ -147,5 +174,3 @@ async def run_demo(*, out: Path, play: bool, data_dir: Path) -> int:
         _say(f"  {label:<40} {'-' if value is None else f'{value:8.1f}'}")
     _say(f"  audio {m.audio_ms / 1000:.2f} s in {m.responses} response(s), "
          f"{m.billed_characters} billed characters")  # fmt: skip
-    _say(f"\nwrote {out}. Next: `tts-stream serve`, then see README.md for the API.")
-    return 0
