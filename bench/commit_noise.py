@@ -49,10 +49,10 @@ class _Count(logging.Handler):
 
 async def _loop(n: int, on_loss: str) -> dict[str, Any]:
     from sinks import ArraySink
-    from tests.samplegen import good_sample_wav
     from tts_stream import Engine
     from tts_stream.messages import VC_MODELS
     from tts_stream.server import LocalServer
+    from tts_stream.testing.samplegen import good_sample_wav
 
     count = _Count()
     logger = logging.getLogger("tts_stream")
@@ -94,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--on-loss", default="fail,resume", help="comma-separated modes")
-    ap.add_argument("--code", type=Path, default=ROOT, help="checkout to import tts_stream from")
+    ap.add_argument("--code", type=Path, default=ROOT,
+                    help="checkout to import tts_stream from (it needs tts_stream.testing)")
     ap.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(args.code.resolve()))
-    sys.path.insert(1, str(ROOT))  # tests.samplegen, if the other checkout lacks it
     for on_loss in args.on_loss.split(","):
         rec = asyncio.run(_loop(args.n, on_loss))
         rec["code"] = str(args.code)
