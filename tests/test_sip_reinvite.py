@@ -67,22 +67,29 @@ async def test_reinvite_moves_our_rtp_and_the_expected_peer(tmp_path: Path) -> N
         rx.flush()
     rec = agent.records[-1]
     assert rec.ended_by == "bye"
-    got = rx.packets
-    # both legs carried the one prompt: the first part went to sipp's port, the rest here
-    assert 0 < len(got) < rec.packets_sent
+    blocks = []
+    while (b := await sent.get()) is not None:
+        blocks.append(b)
+    check_moved_rtp(rx.packets, rec.packets_sent, np.concatenate(blocks))
+    check_new_peer(seen, caller_pcm)
+
+
+def check_moved_rtp(got: list[RtpPacket], packets_sent: int, pcm: np.ndarray) -> None:
+    """Both legs carried the one prompt: the first part went to sipp's port, the rest here,
+    as one stream going on, bit-exact."""
+    assert 0 < len(got) < packets_sent
     assert len({p.ssrc for p in got}) == 1 and {p.payload_type for p in got} == {0}
     seq = unwrap_sequence([p.sequence_number for p in got])
     assert seq == list(range(seq[0], seq[0] + len(got)))
     assert not got[0].marker  # the talk spurt went on: no new spurt at the move
-    blocks = []
-    while (b := await sent.get()) is not None:
-        blocks.append(b)
-    pcm = np.concatenate(blocks)
     spp = 160
-    expected = np.zeros(rec.packets_sent * spp, np.int16)
+    expected = np.zeros(packets_sent * spp, np.int16)
     expected[: pcm.size] = ulaw_decode(ulaw_encode(pcm))  # the last packet padded with silence
     assert np.array_equal(decode_payloads(got, "pcmu"), expected[-len(got) * spp :])
-    # the receiver: the new address counts, a stranger does not
+
+
+def check_new_peer(seen: dict[str, MediaStats | np.ndarray | None], caller_pcm: np.ndarray) -> None:
+    """The receiver: the caller's RTP from the new address counts, a stranger's does not."""
     before, after = seen["before"], seen["after"]
     assert isinstance(before, MediaStats) and isinstance(after, MediaStats)
     assert after.packets_received == before.packets_received + 1
