@@ -4,9 +4,12 @@
 into packets of ``ptime_ms``, encodes them (:mod:`sinks.rtp_packet`: G.711 or L16 in network
 byte order) and hands them to the event loop's shared :class:`~sinks.rtp_clock.RtpClock`, which
 sends every sink's due packets from one timer (no task or timer per sink). It sends from its own
-UDP socket (bound to ``local_addr`` if given: symmetric RTP) or from a datagram transport the
-caller owns (``transport``: a SIP call's media socket, which also receives the caller's RTP).
-Boundary: asyncio UDP transports; imports ``tts_stream.audio`` and ``tts_stream.errors`` only.
+non-blocking UDP socket, written with ``send`` straight from the clock's tick (bound to
+``local_addr`` if given: symmetric RTP), or through a datagram transport the caller owns
+(``transport``: a SIP call's media socket, which also receives the caller's RTP); ``redirect``
+moves the stream to a new address. Frames are encoded when written, so the tick only packs a
+header into one reused buffer and sends. Boundary: sockets and asyncio UDP transports; imports
+``tts_stream.audio`` and ``tts_stream.errors`` only.
 The packet classes are re-exported here for compatibility.
 
 RTP clock policy (documented behaviour, see RFC 3550 §5.1 and RFC 3551 §4.1):

@@ -14,7 +14,8 @@
         await agent.serve_forever()
 
 Every call gets a media socket (:class:`~.media.CallMedia`) and one :class:`~sinks.RtpSink`
-that sends from it, opened once and reused by every ``say``; the application's handler runs in
+that sends from it, opened once and reused by every ``say`` (a re-INVITE that moves the far
+end's media redirects it, and the media socket's expected peer, at once); the handler runs in
 the agent's task group and is cancelled when the caller hangs up. Time for the pure user agent
 comes from ``time.monotonic()`` here, and its timers from one ``loop.call_at`` handle.
 """
