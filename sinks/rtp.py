@@ -1,8 +1,8 @@
 """RTP/UDP sink for IVR and SIP media paths (RFC 3550 / RFC 3551), with optional RTCP.
 
-:class:`RtpSink` resamples the stream to the codec's clock with a stateful soxr stream, cuts it
-into packets of ``ptime_ms``, encodes them (:mod:`sinks.rtp_packet`: G.711 or L16 in network
-byte order) and hands them to the event loop's shared :class:`~sinks.rtp_clock.RtpClock`, which
+:class:`RtpSink` resamples the stream to the codec's clock with a stateful soxr stream, encodes
+it (:mod:`sinks.rtp_packet`: G.711 or L16 in network byte order), cuts the bytes into packets of
+``ptime_ms`` and hands them to the event loop's shared :class:`~sinks.rtp_clock.RtpClock`, which
 sends every sink's due packets from one timer (no task or timer per sink). It sends from its own
 non-blocking UDP socket, written with ``send`` straight from the clock's tick (bound to
 ``local_addr`` if given: symmetric RTP), or through a datagram transport the caller owns
