@@ -7,7 +7,8 @@ bit. (The classic Sun ``g711.c`` behind ``audioop.lin2ulaw`` negates instead, an
 neighbouring μ-law code for some negative inputs on a decision boundary; A-law is identical in
 both.) Decoding is the G.711 reconstruction value of each code, as in G.191 ``*_expand``,
 audioop and ffmpeg. Both directions are table lookups built once at import (64 KiB per law
-for encoding, 256 values for decoding).
+for encoding, 256 values for decoding; ``take`` rather than fancy indexing, about twice as
+fast on a 100 ms frame).
 """
 
 from __future__ import annotations
@@ -95,12 +96,12 @@ for _table in (_ULAW_ENCODE, _ALAW_ENCODE, ULAW_DECODE, ALAW_DECODE):
 
 def ulaw_encode(samples: PCM16) -> bytes:
     """Encode int16 samples as G.711 μ-law bytes (one byte per sample)."""
-    return _ULAW_ENCODE[np.asarray(samples, dtype=np.int16).view(np.uint16)].tobytes()
+    return _ULAW_ENCODE.take(np.asarray(samples, dtype=np.int16).view(np.uint16)).tobytes()
 
 
 def alaw_encode(samples: PCM16) -> bytes:
     """Encode int16 samples as G.711 A-law bytes (one byte per sample)."""
-    return _ALAW_ENCODE[np.asarray(samples, dtype=np.int16).view(np.uint16)].tobytes()
+    return _ALAW_ENCODE.take(np.asarray(samples, dtype=np.int16).view(np.uint16)).tobytes()
 
 
 def ulaw_decode(data: bytes | bytearray | memoryview) -> PCM16:

@@ -489,3 +489,34 @@ async def test_many_sinks_share_one_loop_without_drift() -> None:
     for times in by_ssrc.values():
         assert len(times) == 50
         assert 0.85 < times[-1] - times[0] < 1.4  # each stream keeps its own 20 ms grid
+
+
+async def test_redirect_moves_the_stream_on_without_a_break() -> None:
+    """redirect() (a re-INVITE's new media): the next packets go to the new address from the
+    same socket, with the same SSRC and continuous sequence numbers and timestamps."""
+    audio = tone(1.0, 8000)
+    async with UdpReceiver() as a, UdpReceiver() as b:
+        sink = RtpSink("127.0.0.1", a.port, prebuffer_ms=0)
+        await sink.open(AudioFormat(8000))
+        source = sink.local_address
+        await sink.write(Frame(audio))
+        await a.wait_for_count(10)
+        sink.redirect("127.0.0.1", b.port)
+        await sink.drain()
+        assert sink.local_address == source and (sink.host, sink.port) == ("127.0.0.1", b.port)
+        await sink.aclose()
+        a.flush()
+        b.flush()
+    first, rest = a.packets, b.packets
+    assert len(first) >= 10 and rest and len(first) + len(rest) == 50
+    pk = first + rest
+    assert {p.ssrc for p in pk} == {sink.ssrc} and not rest[0].marker
+    seq = unwrap_sequence([p.sequence_number for p in pk])
+    assert seq == list(range(seq[0], seq[0] + 50))
+    steps = {(y.timestamp - x.timestamp) % 2**32 for x, y in zip(pk[:-1], pk[1:], strict=True)}
+    assert steps == {160}
+    np.testing.assert_array_equal(decode_payloads(pk, "pcmu"), ulaw_decode(ulaw_encode(audio)))
+    with pytest.raises(UsageError, match="IP address"):
+        sink.redirect("localhost", 4000)
+    with pytest.raises(UsageError, match="RTCP"):
+        RtpSink("127.0.0.1", 4000, rtcp=True).redirect("127.0.0.1", 4002)

@@ -14,7 +14,8 @@
         await agent.serve_forever()
 
 Every call gets a media socket (:class:`~.media.CallMedia`) and one :class:`~sinks.RtpSink`
-that sends from it, opened once and reused by every ``say``; the application's handler runs in
+that sends from it, opened once and reused by every ``say`` (a re-INVITE that moves the far
+end's media redirects it, and the media socket's expected peer, at once); the handler runs in
 the agent's task group and is cancelled when the caller hangs up. Time for the pure user agent
 comes from ``time.monotonic()`` here, and its timers from one ``loop.call_at`` handle.
 """
@@ -75,6 +76,8 @@ class Call:
         self.media = media
         self.record = CallRecord(call_id, caller, plan.codec.encoding, time.monotonic())
         self._sink: RtpSink | None = None
+        self._sink_stale = False  # a re-INVITE changed the codec: the next say() reopens
+        self._packets_before = 0  # sent by sinks this call replaced
         self._ended = asyncio.Event()
         self._barge = asyncio.Event()
         self._speaking = False
@@ -144,7 +147,27 @@ class Call:
         """End the call (BYE); returns at once, the handler goes on until it returns."""
         self._agent._hangup(self)
 
+    def _media_changed(self, plan: MediaPlan) -> None:
+        """A re-INVITE (or the ACK's answer) changed the media: receive from and send to the
+        new address at once (the prompt being spoken moves with it); a new codec or packet
+        time takes effect from the next prompt."""
+        old, self.plan = self.plan, plan
+        self.media.use(plan)
+        if self._sink is None:
+            return
+        if (plan.codec, plan.ptime_ms) != (old.codec, old.ptime_ms):
+            self._sink_stale = True
+        try:
+            self._sink.redirect(plan.remote_host, plan.remote_port)
+        except (UsageError, ConnectionFailed) as exc:  # e.g. a hold with c=0.0.0.0: keep going
+            log.info("call %s: media not moved: %s", self.call_id, exc)
+
     async def _rtp(self) -> RtpSink:
+        if self._sink is not None and self._sink_stale:
+            self._packets_before += self._sink.rtp_stats().packets_sent
+            with contextlib.suppress(TtsStreamError, OSError):
+                await self._sink.aclose()
+            self._sink, self._sink_stale = None, False
         if self._sink is None:
             assert self.media.transport is not None
             self._sink = RtpSink(
@@ -172,7 +195,7 @@ class Call:
     async def _close(self) -> None:
         self._ended.set()
         if self._sink is not None:
-            self.record.packets_sent = self._sink.rtp_stats().packets_sent
+            self.record.packets_sent = self._packets_before + self._sink.rtp_stats().packets_sent
             with contextlib.suppress(TtsStreamError, OSError):
                 await self._sink.aclose()
         self.record.media_received = self.media.stats().packets_received
@@ -324,8 +347,8 @@ class SipAgent:
             elif isinstance(item, MediaChanged):
                 call = self.calls.get(item.call_id)
                 if call is not None:
-                    call.plan = _reachable(item.plan, self.rtp_host, (call.plan.remote_host, 0))
-                    call.media.use(call.plan)
+                    call._media_changed(
+                        _reachable(item.plan, self.rtp_host, (call.plan.remote_host, 0)))
             elif isinstance(item, CallEnded):
                 self._ended(item.call_id, item.reason)
         self._arm()

@@ -8,6 +8,13 @@ silence so the audio keeps its timing) and are decoded to 8 kHz int16 blocks in 
 queue (the oldest block is dropped, and counted, when nobody reads). Telephone events become
 digits. A voice activity detector (webrtcvad, 20 ms frames) runs while ``vad`` is on and
 reports the start of speech after ``vad_frames`` voiced frames in a row.
+
+Whose packets count (the *expected peer*): RTP from the address the SDP named is always taken;
+until something arrives from there, the first other source is latched instead (a phone behind
+NAT sends from an address its SDP does not know, as media servers' symmetric-RTP latching
+allows); packets from any other source are stray (counted, dropped). When a re-INVITE moves the
+far end's media (:meth:`CallMedia.use` with a new address), the old address stops counting
+and the jitter buffer starts afresh for the new leg, as it does when the SSRC changes.
 """
 
 from __future__ import annotations
@@ -80,6 +87,10 @@ class CallMedia(asyncio.DatagramProtocol):
         self._voiced = 0
         self._on_digit, self._on_speech = on_digit, on_speech
         self._closed = False
+        self.peer: tuple[str, int] | None = None  # where the SDP says the far end sends from
+        self._source: tuple[str, int] | None = None  # the address whose RTP is taken
+        self._left: set[tuple[str, int]] = set()  # earlier peers of this call (moved away)
+        self._ssrc: int | None = None
         self._n = {k: 0 for k in ("rx", "lost", "late", "reordered", "dropped", "digits", "other")}
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -99,6 +110,14 @@ class CallMedia(asyncio.DatagramProtocol):
     def use(self, plan: MediaPlan) -> None:
         """Receive with the negotiated codec and telephone-event payload type."""
         self.plan = plan
+        peer = (plan.remote_host, plan.remote_port)
+        if peer != self.peer:
+            if self.peer is not None:
+                self._left.add(self.peer)
+                log.info("RTP: the far end's media moved from %s:%d to %s:%d", *self.peer, *peer)
+            self._left.discard(peer)
+            self.peer, self._source = peer, None
+            self._restart()
         codec = Codec.from_name(plan.codec.encoding)
         self._decode = None if codec is None else codec.decoder()
         self._codec_pt = plan.codec.payload_type
@@ -176,10 +195,10 @@ class CallMedia(asyncio.DatagramProtocol):
         log.debug("RTP socket error (far end not listening?): %r", exc)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if len(data) < 12:
-            self._n["other"] += 1
+        if len(data) < 12 or (addr[:2] != self._source and not self._accept(addr[:2])):
+            self._n["other"] += 1  # too short for RTP, or a stray source
             return
-        b0, b1, seq, ts, _ssrc = _HEADER.unpack_from(data)
+        b0, b1, seq, ts, ssrc = _HEADER.unpack_from(data)
         if b0 >> 6 != 2:
             self._n["other"] += 1  # not RTP (RTCP goes to port + 1; STUN, garbage)
             return
@@ -207,7 +226,28 @@ class CallMedia(asyncio.DatagramProtocol):
         if pt != self._codec_pt or self._decode is None:
             self._n["other"] += 1
             return
+        if ssrc != self._ssrc:
+            self._ssrc = ssrc
+            self._restart()  # a new source: its sequence numbers start anywhere (RFC 3550 A.1)
         self._reorder(seq, payload)
+
+    def _accept(self, addr: tuple[str, int]) -> bool:
+        """Whether RTP from ``addr`` counts (see the module docstring); latches onto it."""
+        if addr == self.peer or (self._source is None and addr not in self._left):
+            if self._source is not None:
+                self._restart()  # the SDP's address wins over a latched NAT source
+            self._source = addr
+            return True
+        return False
+
+    def _restart(self) -> None:
+        """Start the jitter buffer afresh: what waits is played in order, then a new stream."""
+        if self._next is not None and self._decode is not None:
+            nxt = self._next
+            for seq in sorted(self._pending, key=lambda q: (q - nxt) % RTP_SEQ_MOD):
+                self._play(self._pending[seq])
+        self._pending.clear()
+        self._next = None
 
     def _reorder(self, seq: int, payload: bytes) -> None:
         if self._next is None:
