@@ -640,6 +640,7 @@ class Speech:
         if self._ops:
             self._ops.clear()  # never replayed now: speech must not repeat
         await self._fanout.write(out)
+        att.lease.first_audio()  # the pool starts the refill now (idempotent, O(1))
 
     def _on_response_started(self, rid: str, at: float) -> None:
         if self._segments and self._segments[-1].response_id == rid:
