@@ -283,25 +283,9 @@ class Engine(StackResource):
                 f"{', '.join(VC_MODELS)}{_suggest(model, VC_MODELS)}; for a model the "
                 f"service added since, pass Engine(extra_models=[{model!r}])"
             )
-        unknown = [k for k in session if k not in SESSION_KEYS]
-        if unknown:
-            k = unknown[0]
-            raise UsageError(
-                f"unknown session option {k!r}{_suggest(k, SESSION_KEYS)}; the session.update "
-                f"keys are {', '.join(SESSION_KEYS)} (and voice, mode, sample_rate, "
-                f"response_format); send a key this client does not know with "
-                f"extra_session={{{k!r}: ...}}"
-            )
+        _check_session(session, mode, sample_rate, response_format)
         if extra_session:
             session = {**session, **extra_session}
-        if mode not in MODES:
-            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if sample_rate not in SAMPLE_RATES:
-            rates = ", ".join(map(str, SAMPLE_RATES))
-            raise UsageError(f"sample_rate must be one of {rates}, got {sample_rate!r}")
-        if response_format not in RESPONSE_FORMATS:
-            formats = ", ".join(RESPONSE_FORMATS)
-            raise UsageError(f"response_format must be one of {formats}, got {response_format!r}")
         return PoolKey.make(
             model=model, voice=name, response_format=response_format,
             sample_rate=sample_rate, mode=mode, **session,
@@ -498,6 +482,29 @@ class _Freezer:
         cls.holders -= 1
         if cls.holders == 0 and cls.owned:
             gc.unfreeze()
+
+
+def _check_session(
+    session: Mapping[str, Any], mode: str, sample_rate: int, response_format: str
+) -> None:
+    """Refuse a misspelt ``session.update`` key or an unknown mode, rate or format."""
+    unknown = [k for k in session if k not in SESSION_KEYS]
+    if unknown:
+        k = unknown[0]
+        raise UsageError(
+            f"unknown session option {k!r}{_suggest(k, SESSION_KEYS)}; the session.update "
+            f"keys are {', '.join(SESSION_KEYS)} (and voice, mode, sample_rate, "
+            f"response_format); send a key this client does not know with "
+            f"extra_session={{{k!r}: ...}}"
+        )
+    if mode not in MODES:
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if sample_rate not in SAMPLE_RATES:
+        rates = ", ".join(map(str, SAMPLE_RATES))
+        raise UsageError(f"sample_rate must be one of {rates}, got {sample_rate!r}")
+    if response_format not in RESPONSE_FORMATS:
+        formats = ", ".join(RESPONSE_FORMATS)
+        raise UsageError(f"response_format must be one of {formats}, got {response_format!r}")
 
 
 def _suggest(word: str, choices: Sequence[str]) -> str:
