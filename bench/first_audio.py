@@ -379,12 +379,12 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace) -> tuple[dic
         f"First audio on the local server (tone, burst, own process); n={args.n} per mode "
         f"after {args.warmup} warm-up, text {args.text!r}. Milliseconds.",
         "",
-        "| mode / measured from | p50 | p95 | p99 | max |",
-        "|---|---:|---:|---:|---:|",
+        "| mode | measured from | p50 | p95 | p99 | max |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for mode in (m for m in MODES if m in summary):
-        lines.append(_row(f"{mode} / first text", summary[mode]["from_text_ms"]))
-        lines.append(_row(f"{mode} / request start", summary[mode]["from_start_ms"]))
+        lines.append(_row(f"{mode} | first text", summary[mode]["from_text_ms"]))
+        lines.append(_row(f"{mode} | request start", summary[mode]["from_start_ms"]))
     lines += ["", "| engine added latency (first sample in sink − server send stamp) | p50 | p95 "
               "| p99 | max |", "|---|---:|---:|---:|---:|"]  # fmt: skip
     for mode in (m for m in ("warm", "cold") if m in summary):
