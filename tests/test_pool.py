@@ -219,3 +219,16 @@ async def test_auto_size_follows_peak_concurrency(server: LocalServer, enroll: E
             await lease.release()
     with pytest.raises(UsageError, match="auto"):
         Pool(endpoint(server), size="many")  # type: ignore[arg-type]
+
+
+async def test_closing_the_pool_fails_an_acquire_still_waiting(
+    server: LocalServer, enroll: Enroll
+) -> None:
+    key = PoolKey.make(model=MODEL, voice=await enroll(server))
+    async with asyncio.timeout(TIMEOUT):
+        async with Pool(endpoint(server), size=0) as pool:
+            waiting = asyncio.create_task(pool.acquire(key))
+            await asyncio.sleep(0)  # it is waiting for its dial now
+            assert pool.stats().leases == {key: 1}
+        with pytest.raises(ClosedError, match="closed"):
+            await waiting

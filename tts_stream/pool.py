@@ -133,7 +133,7 @@ class PoolStats:
     #: cold acquires by reason (:data:`COLD_REASONS`); they add up to ``cold_acquires``
     cold_reasons: Mapping[str, int] = field(default_factory=dict)
     targets: Mapping[PoolKey, int] = field(default_factory=dict)  # spares wanted per key now
-    leases: Mapping[PoolKey, int] = field(default_factory=dict)  # checked out now per key
+    leases: Mapping[PoolKey, int] = field(default_factory=dict)  # held or being acquired, per key
     refills_owed: int = 0  # checkouts whose refill waits for their first audio
 
 
@@ -297,6 +297,10 @@ class Pool(StackResource):
 
     async def _shutdown(self) -> None:
         self._closing = True
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(ClosedError("the pool closed"))
         for slot in list(self._slots):
             if slot.refill_timer is not None:
                 slot.refill_timer.cancel()
