@@ -209,7 +209,7 @@ class Engine(StackResource):
         if self._freeze_gc:
             _Freezer.hold()
             stack.callback(_Freezer.release)
-            _Freezer.point()
+            _Freezer.point(full=False)
         return self
 
     def _gc_safe_point(self) -> None:
@@ -453,14 +453,17 @@ class _Freezer:
     """The engines' use of :func:`gc.freeze`, process-wide (the collector is one per process).
 
     At a safe point (an engine opened, a prewarm finished, no speech of that engine alive):
-    one collection, so no garbage is frozen, then ``gc.freeze()``: every object alive moves
-    to the permanent generation, and full (gen-2) collections stop scanning the modules, the
-    libraries and the prewarmed spares, whose pauses (90-150 ms at 500 streams) made frames
-    late (bench/README.md, The collector). After the first freeze the collection scans only
-    what was allocated since. Frozen objects are still freed by reference counting; one
-    that later becomes part of an unreachable cycle waits for :func:`gc.unfreeze`, which
-    the last freezing engine to close calls, unless something else had frozen objects
-    before the first one opened (then it is the application's to call).
+    a collection, then ``gc.freeze()``: every object alive moves to the permanent
+    generation, and full (gen-2) collections stop scanning the modules, the libraries and
+    the prewarmed spares, whose pauses (90-150 ms at 500 streams) made frames late
+    (bench/README.md, The collector). When an engine opens, the collection is of the young
+    generations only (a full one would scan the whole heap once more, seconds in a large
+    process), so old garbage there is frozen until the unfreeze below; after a prewarm it is
+    full, which scans only what was allocated since the last freeze. Frozen objects are
+    still freed by reference counting; one that later becomes part of an unreachable cycle
+    waits for :func:`gc.unfreeze`, which the last freezing engine to close calls, unless
+    something else had frozen objects before the first one opened (then it is the
+    application's to call).
     """
 
     holders = 0
@@ -473,8 +476,8 @@ class _Freezer:
         cls.holders += 1
 
     @staticmethod
-    def point() -> None:
-        gc.collect()
+    def point(*, full: bool = True) -> None:
+        gc.collect(2 if full else 1)
         gc.freeze()
 
     @classmethod
