@@ -248,48 +248,80 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     key = os.environ[KEY_ENV]
     voice = Voice(args.voice, MODEL)
     text = utterance_text(args.seconds)
-    n = args.n
     out: dict[str, Any] = {
-        "kind": "point", "n": n, "loop": args.loop, "sink": args.sink, "gc_mode": args.gc,
+        "kind": "point", "n": args.n, "loop": args.loop, "sink": args.sink, "gc_mode": args.gc,
         "seconds": args.seconds, "ramp_s": args.ramp_s, "allowance_ms": args.allowance_ms,
         "text_chars": len(text), "nofile": nofile, "rss_start_kb": proc_rss_kb(),
     }  # fmt: skip
+    # --gc plain: the engine leaves the collector alone (freeze_gc=False); any other mode
+    # keeps the engine's default, which freezes it after the prewarm.
     engine = Engine(base_url=args.base_url, api_key=key, pool_size=0,
                     dial_concurrency=args.dial_concurrency, open_timeout=60.0,
-                    configure_timeout=60.0)  # fmt: skip
-    timeout = args.seconds * 4 + args.ramp_s + 60.0
+                    configure_timeout=60.0, freeze_gc=args.gc != "plain")  # fmt: skip
     async with engine:
         exporters = _install_exporters(engine, args.exporters)
         # One utterance first (not measured): first-use costs (lazy imports, caches) are paid.
         await engine.say(voice, "Warm up.", sinks=[TimingSink()])
         if exporters is not None:
             exporters.mark_warm()
-        t = time.monotonic()
-        cpu = time.process_time()
-        srv_cpu = proc_cpu_s(args.server_pid)
-        await engine.prewarm(voice, n)
-        out["prewarm_s"] = time.monotonic() - t
-        out["prewarm_cpu_s"] = time.process_time() - cpu
-        out["prewarm_server_cpu_s"] = proc_cpu_s(args.server_pid) - srv_cpu
-        out["rss_idle_sessions_kb"] = proc_rss_kb()
-        if args.gc in ("freeze", "off"):
-            # What a long-running service does after start-up: everything alive now leaves
-            # the collector's generations, so gen-2 pauses stop scanning it.
-            gc.collect()
-            gc.freeze()
-        if args.gc == "off":  # an experiment (upper bound of what GC costs), not advice
-            gc.disable()
-        dials0 = engine.pool_stats().dials
+        await _prewarm(engine, voice, args, out)
+        recs = await _window(engine, voice, text, args, out)
+        if exporters is not None:
+            out["exporters"] = args.exporters
+            out["exporter_cpu_s"] = exporters.cpu_s - exporters.warmup_cpu_s
+            out["exporter_calls"] = exporters.calls - exporters.warmup_calls
+            out["scrape_ms"] = exporters.scrape_ms()
+        out["rss_end_kb"] = proc_rss_kb()
+    out["peak_rss_kb"] = peak_rss_kb()
+    out["ru_maxrss_kb"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return _summarize_worker(out, recs, args)
 
-        t0 = time.monotonic()
-        cpu0 = time.process_time()
-        srv0 = proc_cpu_s(args.server_pid)
-        busy0 = machine_busy_s()
-        delays = [args.ramp_s * i / n for i in range(n)] if n > 1 else [0.0]
-        timings = [TimingSink() for _ in range(n)]
-        sampler = Sampler(timings, args.server_pid)
-        profiler = _start_profiler(args)
-        gcp = GcPauses().__enter__()
+
+async def _prewarm(
+    engine: Engine, voice: Voice, args: argparse.Namespace, out: dict[str, Any]
+) -> None:
+    """One spare per stream, then the collector mode of ``--gc``."""
+    t = time.monotonic()
+    cpu = time.process_time()
+    srv_cpu = proc_cpu_s(args.server_pid)
+    tracked = _tracked()
+    await engine.prewarm(voice, args.n)
+    # objects the collector tracks per idle spare (kept alive by the pool)
+    out["gc_tracked_per_spare"] = (_tracked() - tracked) / max(args.n, 1)
+    out["prewarm_s"] = time.monotonic() - t
+    out["prewarm_cpu_s"] = time.process_time() - cpu
+    out["prewarm_server_cpu_s"] = proc_cpu_s(args.server_pid) - srv_cpu
+    out["rss_idle_sessions_kb"] = proc_rss_kb()
+    if args.gc in ("freeze", "off"):
+        # What a long-running service did by hand before the engine froze by itself.
+        gc.collect()
+        gc.freeze()
+    if args.gc == "off":  # an experiment (upper bound of what GC costs), not advice
+        gc.disable()
+    out["gc_frozen_objects"] = gc.get_freeze_count()
+    out["gc_tracked_objects"] = len(gc.get_objects())
+
+
+def _tracked() -> int:
+    """Objects the collector tracks, frozen ones included."""
+    return len(gc.get_objects()) + gc.get_freeze_count()
+
+
+async def _window(
+    engine: Engine, voice: Voice, text: str, args: argparse.Namespace, out: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The measured window: ``n`` streams started over the ramp, CPU and GC around them."""
+    n = args.n
+    timeout = args.seconds * 4 + args.ramp_s + 60.0
+    dials0 = engine.pool_stats().dials
+    t0, cpu0 = time.monotonic(), time.process_time()
+    srv0, busy0 = proc_cpu_s(args.server_pid), machine_busy_s()
+    delays = [args.ramp_s * i / n for i in range(n)] if n > 1 else [0.0]
+    timings = [TimingSink() for _ in range(n)]
+    sampler = Sampler(timings, args.server_pid)
+    profiler = _start_profiler(args)
+    gc0 = gc.get_stats()
+    with GcPauses() as gcp:
         async with asyncio.TaskGroup() as tg:
             sampling = tg.create_task(sampler.run())
             async with asyncio.TaskGroup() as utterances:
@@ -298,21 +330,21 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
                          for d, sink in zip(delays, timings, strict=True)]  # fmt: skip
             sampler.stop.set()
         await sampling
-        t1 = time.monotonic()
-        cpu1 = time.process_time()
-        srv1 = proc_cpu_s(args.server_pid)
-        busy1 = machine_busy_s()
+        t1, cpu1 = time.monotonic(), time.process_time()
+        srv1, busy1 = proc_cpu_s(args.server_pid), machine_busy_s()
         _stop_profiler(profiler, args)
         out["refill_dials"] = engine.pool_stats().dials - dials0
-        if exporters is not None:
-            out["exporters"] = args.exporters
-            out["exporter_cpu_s"] = exporters.cpu_s - exporters.warmup_cpu_s
-            out["exporter_calls"] = exporters.calls - exporters.warmup_calls
-            out["scrape_ms"] = exporters.scrape_ms()
-        out["rss_end_kb"] = proc_rss_kb()
-    recs = [task.result() for task in tasks]
-    gcp.__exit__()
+        recs = [task.result() for task in tasks]
     out["gc"] = gcp.summary()
+    gc1 = gc.get_stats()
+    pairs = zip(gc0, gc1, strict=True)
+    out["gc_collections"] = [b["collections"] - a["collections"] for a, b in pairs]
+    # A gen-0 collection runs every `threshold` net new tracked objects: per delta (one
+    # frame per delta) this is what the engine allocates and does not free at once.
+    frames = sum(len(t.writes) for t in timings)
+    out["gc_tracked_allocs_per_delta"] = (
+        out["gc_collections"][0] * gc.get_threshold()[0] / frames if frames else None
+    )
     # Steady state: every stream started (+0.5 s) and none finished yet (-0.5 s).
     last_start = max(r["started"] for r in recs)
     first_end = min(r["ended"] for r in recs)
@@ -321,9 +353,7 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     out["client_cpu_s"] = cpu1 - cpu0
     out["server_cpu_s"] = srv1 - srv0
     out["other_cpu_s"] = (busy1 - busy0) - out["client_cpu_s"] - out["server_cpu_s"]
-    out["peak_rss_kb"] = peak_rss_kb()
-    out["ru_maxrss_kb"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    return _summarize_worker(out, recs, args)
+    return recs
 
 
 def _start_profiler(args: argparse.Namespace) -> Any:
@@ -553,16 +583,20 @@ def report(points: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "window; CPU util in cores (2 = the whole machine), *other* = every other process of "
         "this shared machine meanwhile.",
         "",
-        "| loop | N | late frames | of which upstream | gen-2 GC: count, max pause (ms) "
+        "| loop | N | late frames | of which upstream | gen-2 GC: count, max / total pause "
+        "(ms) | tracked allocs per delta | tracked objects per spare | frozen objects "
         "| CPU util steady: client / server | other processes |",
-        "|---|---:|---:|---:|---|---|---:|",
+        "|---|---:|---:|---:|---|---:|---:|---:|---|---:|",
     ]
     for p in ok:
         gen2 = p.get("gc", {}).get("gen2", {})
         other = p["other_cpu_s"] / p["wall_s"] if p.get("wall_s") else None
         lines.append(
             f"| {p['loop']} | {p['n']} | {p['late_frames']} | {p['late_frames_upstream']} | "
-            f"{gen2.get('count', 0)}, {fmt_ms(gen2.get('max_ms'), 1)} | "
+            f"{gen2.get('count', 0)}, {fmt_ms(gen2.get('max_ms'), 1)} / "
+            f"{fmt_ms(gen2.get('sum_ms'), 1)} | {fmt_ms(p.get('gc_tracked_allocs_per_delta'), 1)}"
+            f" | {fmt_ms(p.get('gc_tracked_per_spare'), 0)} | "
+            f"{p.get('gc', {}).get('frozen_objects', '–')} | "
             f"{fmt_ms(_steady(p, 'client_cpu_util'), 2)} / "
             f"{fmt_ms(_steady(p, 'server_cpu_util'), 2)} | {fmt_ms(other, 2)} |"
         )
@@ -609,7 +643,7 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.concurrency",
         description=__doc__,
@@ -630,10 +664,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--gc",
-        choices=["default", "freeze", "off"],
+        choices=["default", "plain", "freeze", "off"],
         default="default",
-        help="worker's garbage collector in the window: as is, gc.freeze() after the "
-        "prewarm, or frozen and disabled (an experiment)",
+        help="worker's garbage collector: the engine's default (it freezes the collector "
+        "after the prewarm), plain (Engine(freeze_gc=False): the interpreter as is), "
+        "freeze (gc.freeze() by hand after the prewarm too), or frozen and disabled "
+        "(an experiment)",
     )
     parser.add_argument(
         "--exporters",
@@ -663,6 +699,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="worker only: write a pyinstrument text profile of the window",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.worker:
         point = run_loop(worker(args), args.loop)

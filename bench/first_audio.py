@@ -15,6 +15,15 @@ in machine load hits all three alike:
   ``append_text``, wait for the first ``response.audio.delta`` (its callback); run in a
   worker thread, timed inside that thread.
 
+``--turns 50,200,1000`` measures turn after turn instead (issue 11): an Engine with a pool of
+one and no prewarm between turns (the pool must stay warm by itself). For each gap, pairs of
+turns: a lead turn, ``gap`` ms of silence, the measured turn, from ``engine.speak()`` to the
+first sample in the sink (``turn``). Interleaved with it, ``raw``: a plain ``websockets``
+client on a fresh socket that is already configured (``session.created``, ``session.update``,
+``session.updated``, all untimed), ``gap`` ms of silence, then from sending the text to the
+first delta received and its audio decoded (``base64``): the floor for a configured socket.
+With ``sdk`` in ``--modes``, the SDK's connect-to-first-delta is measured per pair too.
+
 One monotonic clock (``time.monotonic``, CLOCK_MONOTONIC, system-wide on Linux). For every
 utterance two figures: ``from_text_ms`` (first text handed over: ``speech.push`` /
 ``append_text``) and ``from_start_ms`` (before anything: ``engine.speak`` / ``connect``).
@@ -46,6 +55,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from bench.common import (
     RESULTS,
     GcPauses,
@@ -60,9 +71,10 @@ from bench.common import (
 )
 from sinks import ArraySink
 from tts_stream import Engine, Frame, Voice
+from tts_stream.config import Endpoint
 from tts_stream.messages import VC_MODELS
 
-__all__ = ["StampedArraySink", "engine_once", "main", "sdk_once"]
+__all__ = ["StampedArraySink", "engine_once", "main", "raw_once", "sdk_once"]
 
 MODEL = VC_MODELS[0]
 MODES = ("warm", "cold", "sdk")
@@ -191,6 +203,89 @@ def sdk_once(ws_url: str, voice: str, text: str) -> dict[str, Any]:
     }
 
 
+async def raw_once(srv: ServerProcess, voice: str, text: str, gap_s: float) -> dict[str, Any]:
+    """A plain websockets client: configure a fresh socket (untimed), idle, then time the
+    text to the first delta decoded."""
+    import pybase64
+    from websockets.asyncio.client import connect
+
+    endpoint = Endpoint.resolve(base_url=srv.base_url, api_key=srv.api_key)
+    session = {"voice": voice, "mode": "server_commit", "response_format": "pcm",
+               "sample_rate": 24000}  # fmt: skip
+    async with asyncio.timeout(TIMEOUT), connect(
+        endpoint.ws_url(MODEL), additional_headers=endpoint.headers(), compression=None
+    ) as ws:
+        await _until(ws, "session.created")
+        await ws.send(orjson.dumps({"type": "session.update", "session": session}).decode())
+        await _until(ws, "session.updated")
+        await asyncio.sleep(gap_s)
+        t0 = time.monotonic()
+        await ws.send(orjson.dumps({"type": "input_text_buffer.append", "text": text}).decode())
+        event = await _until(ws, "response.audio.delta")
+        samples = len(pybase64.b64decode(event["delta"])) // 2
+        t1 = time.monotonic()
+        await ws.send(orjson.dumps({"type": "session.finish"}).decode())
+        with contextlib.suppress(Exception):
+            await _until(ws, "session.finished")
+    return {"kind": "utterance", "mode": "raw", "from_start_ms": (t1 - t0) * 1000.0,
+            "from_text_ms": (t1 - t0) * 1000.0, "samples": samples, "error": None}  # fmt: skip
+
+
+async def _until(ws: Any, kind: str) -> dict[str, Any]:
+    while True:
+        event: dict[str, Any] = orjson.loads(await ws.recv())
+        if event.get("type") == kind:
+            return event
+        if event.get("type") == "error":
+            raise RuntimeError(f"server error while waiting for {kind}: {event}")
+
+
+async def run_turns(
+    args: argparse.Namespace, srv: ServerProcess, gcp: GcPauses
+) -> list[dict[str, Any]]:
+    """Turn after turn with a pool of one (see the module docstring, ``--turns``)."""
+    import dashscope
+
+    dashscope.api_key = srv.api_key
+    from tests.samplegen import good_sample_wav
+
+    records: list[dict[str, Any]] = []
+    async with Engine(base_url=srv.base_url, api_key=srv.api_key, pool_size=1) as engine:
+        voice = await engine.voices.create(
+            good_sample_wav(), preferred_name="bench", target_model=MODEL
+        )
+        await engine.prewarm(voice, 1)
+        for i in range(args.warmup + args.n):
+            for gap_ms in args.turns:
+                recs = await _turn_round(args, srv, engine, voice, gap_ms, gcp)
+                for rec in recs:
+                    rec.update(i=i, warmup=i < args.warmup, gap_ms=gap_ms)
+                records.extend(recs)
+        records.append({"kind": "pool", "stats": _pool_counts(engine)})
+    return records
+
+
+async def _turn_round(
+    args: argparse.Namespace, srv: ServerProcess, engine: Engine, voice: Voice,
+    gap_ms: float, gcp: GcPauses,
+) -> list[dict[str, Any]]:  # fmt: skip
+    await engine.prewarm(voice, 1)  # untimed: the lead turn starts from a ready spare
+    await engine_once(engine, voice, args.text, "lead", gcp)
+    await asyncio.sleep(gap_ms / 1000.0)
+    recs = [await engine_once(engine, voice, args.text, "turn", gcp)]
+    await engine.prewarm(voice, 1)  # the refill of the measured turn ends before raw dials
+    recs.append(await raw_once(srv, voice.name, args.text, gap_ms / 1000.0))
+    if "sdk" in args.modes:
+        recs.append(await asyncio.to_thread(sdk_once, srv.ws_url, voice.name, args.text))
+    return recs
+
+
+def _pool_counts(engine: Engine) -> dict[str, Any]:
+    st = engine.pool_stats()
+    return {"warm_acquires": st.warm_acquires, "cold_acquires": st.cold_acquires,
+            "cold_reasons": dict(getattr(st, "cold_reasons", {})), "dials": st.dials}  # fmt: skip
+
+
 async def run(args: argparse.Namespace, srv: ServerProcess, gcp: GcPauses) -> list[dict[str, Any]]:
     import dashscope
 
@@ -229,38 +324,57 @@ async def run(args: argparse.Namespace, srv: ServerProcess, gcp: GcPauses) -> li
     return records
 
 
-def report(records: list[dict[str, Any]], args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    measured = [r for r in records if not r["warmup"]]
-    by_mode = {m: [r for r in measured if r["mode"] == m] for m in MODES}
-    summary: dict[str, Any] = {"kind": "summary", "n": args.n, "warmup": args.warmup}
-    for mode, recs in by_mode.items():
-        if not recs:
-            continue
-        summary[mode] = {
-            "from_text_ms": summarize(r["from_text_ms"] for r in recs),
-            "from_start_ms": summarize(r["from_start_ms"] for r in recs),
-            "errors": sum(1 for r in recs if r.get("error")),
-        }
-        if mode != "sdk":
-            summary[mode]["engine_added_ms"] = summarize(r.get("engine_added_ms") for r in recs)
-            summary[mode]["pipeline_ms"] = summarize(r.get("pipeline_ms") for r in recs)
-            summary[mode]["metrics_first_audio_ms"] = summarize(
-                r["metrics_first_audio_ms"] for r in recs
-            )
-        else:
-            summary[mode]["sdk_added_ms"] = summarize(r.get("sdk_added_ms") for r in recs)
-            summary[mode]["connect_ms"] = summarize(r.get("connect_ms") for r in recs)
-    ratios: dict[str, float | None] = {}
-    for base in ("warm", "cold"):
-        for what in ("from_text_ms", "from_start_ms"):
-            if base in summary and "sdk" in summary:
-                a, b = summary["sdk"][what]["p50"], summary[base][what]["p50"]
-                ratios[f"sdk_over_{base}_{what}_p50"] = a / b if a and b else None
-        if base in summary and "sdk" in summary:
-            a, b = summary["sdk"]["from_start_ms"]["p50"], summary[base]["from_text_ms"]["p50"]
-            ratios[f"sdk_start_over_{base}_text_p50"] = a / b if a and b else None
-    summary["ratios_p50"] = ratios
+def _mode_summary(mode: str, recs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "from_text_ms": summarize(r["from_text_ms"] for r in recs),
+        "from_start_ms": summarize(r["from_start_ms"] for r in recs),
+        "errors": sum(1 for r in recs if r.get("error")),
+    }
+    if mode == "sdk":
+        out["sdk_added_ms"] = summarize(r.get("sdk_added_ms") for r in recs)
+        out["connect_ms"] = summarize(r.get("connect_ms") for r in recs)
+    elif mode != "raw":
+        for what in ("engine_added_ms", "pipeline_ms", "metrics_first_audio_ms"):
+            out[what] = summarize(r.get(what) for r in recs)
+        out["warm"] = sum(1 for r in recs if r.get("was_warm"))
+    return out
 
+
+def _ratio(a: float | int | None, b: float | int | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _ratios(summary: dict[str, Any]) -> dict[str, float | None]:
+    ratios: dict[str, float | None] = {}
+    if "sdk" not in summary:
+        return ratios
+    sdk = summary["sdk"]
+    for base in ("warm", "cold"):
+        if base not in summary:
+            continue
+        for what in ("from_text_ms", "from_start_ms"):
+            ratios[f"sdk_over_{base}_{what}_p50"] = _ratio(
+                sdk[what]["p50"], summary[base][what]["p50"]
+            )
+        ratios[f"sdk_start_over_{base}_text_p50"] = _ratio(
+            sdk["from_start_ms"]["p50"], summary[base]["from_text_ms"]["p50"]
+        )
+    return ratios
+
+
+def _row(label: str, s: dict[str, Any], digits: int = 2) -> str:
+    cells = " | ".join(fmt_ms(s[q], digits) for q in ("p50", "p95", "p99", "max"))
+    return f"| {label} | {cells} |"
+
+
+def report(records: list[dict[str, Any]], args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    measured = [r for r in records if not r.get("warmup", True)]
+    summary: dict[str, Any] = {"kind": "summary", "n": args.n, "warmup": args.warmup}
+    for mode in MODES:
+        recs = [r for r in measured if r["mode"] == mode]
+        if recs:
+            summary[mode] = _mode_summary(mode, recs)
+    summary["ratios_p50"] = ratios = _ratios(summary)
     lines = [
         f"First audio on the local server (tone, burst, own process); n={args.n} per mode "
         f"after {args.warmup} warm-up, text {args.text!r}. Milliseconds.",
@@ -268,30 +382,59 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace) -> tuple[dic
         "| mode | measured from | p50 | p95 | p99 | max |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for mode in MODES:
-        if mode not in summary:
-            continue
-        for what, label in (("from_text_ms", "first text"), ("from_start_ms", "request start")):
-            s = summary[mode][what]
-            lines.append(f"| {mode} | {label} | {fmt_ms(s['p50'])} | {fmt_ms(s['p95'])} | "
-                         f"{fmt_ms(s['p99'])} | {fmt_ms(s['max'])} |")  # fmt: skip
+    for mode in (m for m in MODES if m in summary):
+        lines.append(_row(f"{mode} | first text", summary[mode]["from_text_ms"]))
+        lines.append(_row(f"{mode} | request start", summary[mode]["from_start_ms"]))
     lines += ["", "| engine added latency (first sample in sink − server send stamp) | p50 | p95 "
               "| p99 | max |", "|---|---:|---:|---:|---:|"]  # fmt: skip
-    for mode in ("warm", "cold"):
-        if mode in summary:
-            s = summary[mode]["engine_added_ms"]
-            lines.append(f"| tts-stream {mode} | {fmt_ms(s['p50'], 3)} | {fmt_ms(s['p95'], 3)} | "
-                         f"{fmt_ms(s['p99'], 3)} | {fmt_ms(s['max'], 3)} |")  # fmt: skip
+    for mode in (m for m in ("warm", "cold") if m in summary):
+        lines.append(_row(f"tts-stream {mode}", summary[mode]["engine_added_ms"], 3))
     if "sdk" in summary:
-        s = summary["sdk"]["sdk_added_ms"]
-        lines.append(
-            f"| SDK (to its callback, undecoded) | {fmt_ms(s['p50'], 3)} | "
-            f"{fmt_ms(s['p95'], 3)} | {fmt_ms(s['p99'], 3)} | {fmt_ms(s['max'], 3)} |"
-        )
+        lines.append(_row("SDK (to its callback, undecoded)", summary["sdk"]["sdk_added_ms"], 3))
     lines += ["", "Ratios of medians (SDK / tts-stream):", ""]
-    for k, v in ratios.items():
-        lines.append(f"- {k}: {fmt_ms(v, 1)}x")
+    lines += [f"- {k}: {fmt_ms(v, 1)}x" for k, v in ratios.items()]
     return summary, "\n".join(lines) + "\n"
+
+
+def report_turns(
+    records: list[dict[str, Any]], args: argparse.Namespace
+) -> tuple[dict[str, Any], str]:
+    """Per gap: the engine's turn from ``speak()``, the configured raw socket, the SDK."""
+    measured = [r for r in records if r["kind"] == "utterance" and not r["warmup"]]
+    pool: dict[str, Any] = next((r["stats"] for r in records if r["kind"] == "pool"), {})
+    summary: dict[str, Any] = {"kind": "summary", "turns": args.turns, "n": args.n,
+                               "warmup": args.warmup, "pool": pool}  # fmt: skip
+    lines = [
+        f"Turn after turn, pool of one, no prewarm between turns; n={args.n} pairs per gap "
+        f"after {args.warmup} warm-up, text {args.text!r}. Milliseconds to the first audio: "
+        "tts-stream from `engine.speak()` to the first sample in the sink; raw from the "
+        "text sent on a configured socket to the first delta decoded; SDK from `connect()`.",
+        "",
+        "| gap (ms) | tts-stream p50 | p95 | warm | raw p50 | p95 | tts-stream − raw (p50) "
+        "| SDK p50 | SDK / tts-stream |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for gap in args.turns:
+        row: dict[str, Any] = {}
+        for mode in ("turn", "raw", "sdk"):
+            recs = [r for r in measured if r["gap_ms"] == gap and r["mode"] == mode]
+            if recs:
+                row[mode] = _mode_summary(mode, recs)
+        summary[f"gap_{gap:g}"] = row
+        turn, raw = row["turn"]["from_start_ms"], row["raw"]["from_start_ms"]
+        sdk = row.get("sdk", {}).get("from_start_ms", {})
+        lines.append(
+            f"| {gap:g} | {fmt_ms(turn['p50'], 3)} | {fmt_ms(turn['p95'], 3)} | "
+            f"{row['turn']['warm']}/{turn['count']} | {fmt_ms(raw['p50'], 3)} | "
+            f"{fmt_ms(raw['p95'], 3)} | {fmt_ms(_diff(turn['p50'], raw['p50']), 3)} | "
+            f"{fmt_ms(sdk.get('p50'))} | {fmt_ms(_ratio(sdk.get('p50'), turn['p50']), 1)}x |"
+        )
+    lines += ["", f"Pool: {pool}"]
+    return summary, "\n".join(lines) + "\n"
+
+
+def _diff(a: float | int | None, b: float | int | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,19 +467,28 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="gc.freeze() after set-up (default: off, the plain interpreter)",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS / "first_audio.jsonl")
+    parser.add_argument(
+        "--turns",
+        default="",
+        help="gaps in ms between turns, e.g. 50,200,1000: the turn-after-turn mode "
+        "(pool of one vs a configured raw socket; the SDK too when in --modes)",
+    )
+    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    out: Path = args.out
+    args.turns = [float(g) for g in args.turns.split(",") if g.strip()]
+    name = "first_audio_turns.jsonl" if args.turns else "first_audio.jsonl"
+    out: Path = args.out or RESULTS / name
+    runner, reporter = (run_turns, report_turns) if args.turns else (run, report)
     with ServerProcess(pacing="burst", delta_ms=args.delta_ms, stamp_deltas=True) as srv:
         env = environment(loop=args.loop, bench="first_audio", server=srv.options,
                           args={k: v for k, v in vars(args).items() if k != "out"})  # fmt: skip
         t0 = time.monotonic()
         with GcPauses() as gcp:
-            records = run_loop(run(args, srv, gcp), args.loop)
+            records = run_loop(runner(args, srv, gcp), args.loop)
         wall = time.monotonic() - t0
-    summary, table = report(records, args)
+    summary, table = reporter(records, args)
     summary["wall_s"] = wall
     summary["gc"] = gcp.summary()
     with JsonLines(out) as jl:
@@ -345,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             jl.write(rec)
         jl.write(summary)
     write_text(out.with_suffix(".md"), table)
-    if not args.no_plot:
+    if not args.no_plot and not args.turns:
         measured = [r for r in records if not r["warmup"]]
         series: dict[str, list[float]] = {}
         for mode in args.modes:

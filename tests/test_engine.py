@@ -8,6 +8,7 @@ lands on the session under test (a background spare would consume it otherwise).
 from __future__ import annotations
 
 import asyncio
+import gc
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -324,3 +325,50 @@ async def test_session_options_reach_the_server(engine: Engine, voice: Voice) ->
     normal = await say_to_array(engine, voice, TEXT)
     fast = await say_to_array(engine, voice, TEXT, speech_rate=2.0)
     assert 0.4 < fast.size / normal.size < 0.6
+
+
+async def test_a_turn_right_after_another_finds_a_warm_spare(enroll: Enroll) -> None:
+    # Realtime pacing: each turn lasts as long as its audio, so the refill started at the
+    # first audio of one turn has long finished when the next turn comes 50 ms later.
+    async with (
+        asyncio.timeout(TIMEOUT),
+        LocalServer(port=0, backend="tone", pacing="realtime") as srv,
+    ):
+        voice = Voice(await enroll(srv), MODEL)
+        async with engine_for(srv, pool_size=1) as e:
+            await e.prewarm(voice, 1)
+            warm = []
+            for _ in range(3):
+                opened = srv.stats().sessions_opened
+                sink = ArraySink(max_blocks=10_000)
+                metrics = await e.say(voice, "One short turn.", sinks=[sink])
+                # the refill of this turn's spare was dialled during the turn, server-side
+                assert srv.stats().sessions_opened == opened + 1
+                warm.append(metrics.was_warm)
+                await asyncio.sleep(0.05)
+            st = e.stats().pool
+        assert warm == [True, True, True]
+        assert (st.warm_acquires, st.cold_acquires, st.cold_reasons) == (3, 0, {})
+
+
+async def test_engine_stats_say_why_an_acquire_was_cold(server: LocalServer, voice: Voice) -> None:
+    async with asyncio.timeout(TIMEOUT), engine_for(server, pool_size="auto") as e:
+        await e.say(voice, "First.", sinks=[ArraySink(max_blocks=10_000)])
+        st = e.stats().pool
+        assert st.cold_reasons == {"first_use": 1}
+        assert st.cold_acquires == 1 and sum(st.targets.values()) == 1
+
+
+async def test_engine_freezes_the_collector_after_prewarm_unless_told_not_to(
+    server: LocalServer, voice: Voice
+) -> None:
+    gc.unfreeze()
+    async with asyncio.timeout(TIMEOUT), engine_for(server, freeze_gc=False) as e:
+        await e.prewarm(voice, 1)
+        assert gc.get_freeze_count() == 0
+    async with asyncio.timeout(TIMEOUT), engine_for(server) as e:
+        assert gc.get_freeze_count() > 0  # at start-up
+        frozen = gc.get_freeze_count()
+        await e.prewarm(voice, 1)
+        assert gc.get_freeze_count() > frozen  # the prewarmed spare too
+    gc.unfreeze()  # the rest of the suite runs with the collector as it found it

@@ -132,3 +132,103 @@ async def test_bad_voice_is_refused_at_configuration(server: LocalServer) -> Non
     async with asyncio.timeout(TIMEOUT), Pool(endpoint(server), size=0) as pool:
         with pytest.raises(ServerError, match="not supported|voice"):
             await pool.acquire(key)
+
+
+# --- warm turn after turn (issue 11) ---------------------------------------------------------
+
+
+async def test_refill_waits_for_first_audio_then_starts_at_once(
+    server: LocalServer, enroll: Enroll
+) -> None:
+    key = PoolKey.make(model=MODEL, voice=await enroll(server))
+    async with asyncio.timeout(TIMEOUT), Pool(endpoint(server), size=1) as pool:
+        await pool.prewarm(key, 1)
+        opened = server.stats().sessions_opened
+        lease = await pool.acquire(key)
+        st = pool.stats()
+        # held back while the lease waits for its first audio: no dial competes with it
+        assert (st.refills_owed, st.dials_in_flight, st.dials) == (1, 0, 1)
+        lease.first_audio()
+        assert pool.stats().refills_owed == 0
+        lease.first_audio()  # idempotent
+        st = await pool.wait_until(lambda st: st.spares.get(key, 0) == 1)
+        assert st.dials == 2
+        assert server.stats().sessions_opened == opened + 1  # exactly one refill, server-side
+        await lease.release()
+        await pool.wait_until(lambda st: st.dials_in_flight == 0)
+        assert pool.stats().dials == 2  # the release owed nothing more
+
+
+async def test_acquire_waits_for_the_refill_in_flight(server: LocalServer, enroll: Enroll) -> None:
+    key = PoolKey.make(model=MODEL, voice=await enroll(server))
+    async with asyncio.timeout(TIMEOUT), Pool(endpoint(server), size=1) as pool:
+        await pool.prewarm(key, 1)
+        first = await pool.acquire(key)
+        first.first_audio()  # the refill dials now
+        second = await pool.acquire(key)  # no spare yet: waits for that dial
+        st = pool.stats()
+        assert second.info.was_warm is False
+        assert st.dials == 2  # no second dial was started for it
+        assert st.cold_reasons == {"refill_in_flight": 1}
+        assert server.stats().sessions_opened == 2
+        assert second.connection is not first.connection
+        assert second.connection.state is p.State.READY
+        await first.release()
+        await second.release()  # now the refill for the second checkout is dialled
+        st = await pool.wait_until(lambda st: st.spares.get(key, 0) == 1)
+        assert st.dials == 3 and server.stats().sessions_opened == 3
+
+
+async def test_cold_reasons_add_up(server: LocalServer, enroll: Enroll) -> None:
+    key = PoolKey.make(model=MODEL, voice=await enroll(server))
+    async with asyncio.timeout(TIMEOUT):
+        async with Pool(endpoint(server), size=0) as pool:
+            lease = await pool.acquire(key)
+            await lease.release()
+            assert pool.stats().cold_reasons == {"no_spares_kept": 1}
+        async with Pool(endpoint(server), size=1) as pool:
+            a = await pool.acquire(key)  # first use of the key
+            b = await pool.acquire(key)  # a still waits for first audio: nothing dialling
+            st = pool.stats()
+            assert st.cold_reasons == {"first_use": 1, "busy": 1}
+            assert (st.cold_acquires, st.warm_acquires) == (2, 0)
+            assert st.leases == {key: 2}
+            await a.release()
+            await b.release()
+            await pool.wait_until(lambda st: st.spares.get(key, 0) == 1)
+            c = await pool.acquire(key)
+            assert c.info.was_warm and pool.stats().warm_acquires == 1
+            await c.release()
+
+
+async def test_auto_size_follows_peak_concurrency(server: LocalServer, enroll: Enroll) -> None:
+    key = PoolKey.make(model=MODEL, voice=await enroll(server))
+    async with asyncio.timeout(TIMEOUT), Pool(endpoint(server), size="auto", auto_max=3) as pool:
+        leases = await asyncio.gather(*(pool.acquire(key) for _ in range(4)))  # 4 at once
+        assert pool.stats().targets[key] == 3  # the peak, capped by auto_max
+        for lease in leases:
+            await lease.release()
+        st = await pool.wait_until(lambda st: st.spares.get(key, 0) == 3)
+        assert st.cold_acquires == 4 and st.leases == {}
+        opened = server.stats().sessions_opened
+        assert opened == 4 + 3  # four dialled for the callers, three spares
+        again = await asyncio.gather(*(pool.acquire(key) for _ in range(3)))  # 3 at once
+        assert all(lease.info.was_warm for lease in again)  # each caller found a spare
+        assert server.stats().sessions_opened == opened  # and no dial was needed
+        for lease in again:
+            await lease.release()
+    with pytest.raises(UsageError, match="auto"):
+        Pool(endpoint(server), size="many")  # type: ignore[arg-type]
+
+
+async def test_closing_the_pool_fails_an_acquire_still_waiting(
+    server: LocalServer, enroll: Enroll
+) -> None:
+    key = PoolKey.make(model=MODEL, voice=await enroll(server))
+    async with asyncio.timeout(TIMEOUT):
+        async with Pool(endpoint(server), size=0) as pool:
+            waiting = asyncio.create_task(pool.acquire(key))
+            await asyncio.sleep(0)  # it is waiting for its dial now
+            assert pool.stats().leases == {key: 1}
+        with pytest.raises(ClosedError, match="closed"):
+            await waiting

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import difflib
+import gc
 import logging
 import os
 import time
@@ -116,8 +117,14 @@ class Engine(StackResource):
 
     ``api_key`` defaults to ``$DASHSCOPE_API_KEY``; ``region`` is ``"intl"`` or ``"cn"``;
     ``base_url`` (e.g. a :class:`~tts_stream.server.LocalServer`'s) wins over the region.
-    ``pool_size`` warm spares are kept per (model, voice, format, rate, mode) once used;
-    ``max_idle_s`` replaces a spare before the service's idle limit. Keepalive: a ping after
+    ``pool_size`` warm spares are kept per (model, voice, format, rate, mode) once used, or
+    ``pool_size="auto"``: as many as the key's recent peak of speeches at once (between 1
+    and ``pool_auto_max``; see :mod:`tts_stream.pool`); ``max_idle_s`` replaces a spare
+    before the service's idle limit. ``freeze_gc`` (default on) moves everything alive when
+    the engine opens and after each :meth:`prewarm` out of the garbage collector's
+    generations (:func:`gc.freeze`; undone when the last such engine closes), so full
+    collections scan only what streaming allocates and stay short (README, "The
+    collector"); ``freeze_gc=False`` leaves the collector alone. Keepalive: a ping after
     ``ping_interval`` s in which the socket delivered nothing while we were ready to read,
     and the connection is given up after ``ping_timeout`` s more without an answer
     (``ping_interval=None`` turns it off); back-pressure from slow sinks never counts.
@@ -137,7 +144,8 @@ class Engine(StackResource):
         region: str = "intl",
         base_url: str | None = None,
         workspace: str | None = None,
-        pool_size: int = 1,
+        pool_size: int | Literal["auto"] = 1,
+        pool_auto_max: int = 32,
         max_idle_s: float = 45.0,
         dial_concurrency: int = 4,
         open_timeout: float = 10.0,
@@ -150,6 +158,7 @@ class Engine(StackResource):
         extra_models: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         observers: Sequence[Observer] = (),
+        freeze_gc: bool = True,
     ) -> None:
         self.endpoint = Endpoint.resolve(
             api_key=api_key, region=region, base_url=base_url, workspace=workspace, env=env
@@ -161,6 +170,7 @@ class Engine(StackResource):
         self.history = History(history)
         self._pool_opts: dict[str, Any] = {
             "size": pool_size,
+            "auto_max": pool_auto_max,
             "max_idle_s": max_idle_s,
             "dial_concurrency": dial_concurrency,
             "open_timeout": open_timeout,
@@ -178,6 +188,7 @@ class Engine(StackResource):
         self._errors = 0
         self._recent_errors: deque[RecentError] = deque(maxlen=_RECENT_ERRORS)
         self._speech_done = asyncio.Event()
+        self._freeze_gc = freeze_gc
 
     def __repr__(self) -> str:
         return f"Engine({self.endpoint!r})"
@@ -195,7 +206,20 @@ class Engine(StackResource):
         except BaseException:
             await stack.aclose()
             raise
+        if self._freeze_gc:
+            _Freezer.hold()
+            stack.callback(_Freezer.release)
+            _Freezer.point(full=False)
         return self
+
+    def _gc_safe_point(self) -> None:
+        """After a prewarm: freeze the spares too (``freeze_gc``; :class:`_Freezer`).
+
+        Only while no speech of this engine exists: nothing transient is frozen, and the
+        collection before it pauses no stream.
+        """
+        if self._freeze_gc and not self._live and not self._closed:
+            _Freezer.point()
 
     # --- enrollment ---------------------------------------------------------------------------
 
@@ -259,25 +283,9 @@ class Engine(StackResource):
                 f"{', '.join(VC_MODELS)}{_suggest(model, VC_MODELS)}; for a model the "
                 f"service added since, pass Engine(extra_models=[{model!r}])"
             )
-        unknown = [k for k in session if k not in SESSION_KEYS]
-        if unknown:
-            k = unknown[0]
-            raise UsageError(
-                f"unknown session option {k!r}{_suggest(k, SESSION_KEYS)}; the session.update "
-                f"keys are {', '.join(SESSION_KEYS)} (and voice, mode, sample_rate, "
-                f"response_format); send a key this client does not know with "
-                f"extra_session={{{k!r}: ...}}"
-            )
+        _check_session(session, mode, sample_rate, response_format)
         if extra_session:
             session = {**session, **extra_session}
-        if mode not in MODES:
-            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if sample_rate not in SAMPLE_RATES:
-            rates = ", ".join(map(str, SAMPLE_RATES))
-            raise UsageError(f"sample_rate must be one of {rates}, got {sample_rate!r}")
-        if response_format not in RESPONSE_FORMATS:
-            formats = ", ".join(RESPONSE_FORMATS)
-            raise UsageError(f"response_format must be one of {formats}, got {response_format!r}")
         return PoolKey.make(
             model=model, voice=name, response_format=response_format,
             sample_rate=sample_rate, mode=mode, **session,
@@ -386,6 +394,7 @@ class Engine(StackResource):
         key = self.pool_key(voice, model=model, mode=mode, sample_rate=sample_rate,
                             extra_models=self.extra_models, **session)  # fmt: skip
         await self._pool_or_raise().prewarm(key, n)
+        self._gc_safe_point()
 
     def stats(self) -> EngineStats:
         """One snapshot: the pool, speeches in flight, utterances and the recent errors."""
@@ -438,6 +447,67 @@ class Engine(StackResource):
         """Warm spares ready now for the session ``speak(voice, **kwargs)`` would use."""
         kwargs.setdefault("extra_models", self.extra_models)
         return self._pool_or_raise().spares(self.pool_key(voice, **kwargs))
+
+
+class _Freezer:
+    """The engines' use of :func:`gc.freeze`, process-wide (the collector is one per process).
+
+    At a safe point (an engine opened, a prewarm finished, no speech of that engine alive):
+    a collection, then ``gc.freeze()``: every object alive moves to the permanent
+    generation, and full (gen-2) collections stop scanning the modules, the libraries and
+    the prewarmed spares, whose pauses (90-150 ms at 500 streams) made frames late
+    (bench/README.md, The collector). When an engine opens, the collection is of the young
+    generations only (a full one would scan the whole heap once more, seconds in a large
+    process), so old garbage there is frozen until the unfreeze below; after a prewarm it is
+    full, which scans only what was allocated since the last freeze. Frozen objects are
+    still freed by reference counting; one that later becomes part of an unreachable cycle
+    waits for :func:`gc.unfreeze`, which the last freezing engine to close calls, unless
+    something else had frozen objects before the first one opened (then it is the
+    application's to call).
+    """
+
+    holders = 0
+    owned = False
+
+    @classmethod
+    def hold(cls) -> None:
+        if cls.holders == 0:
+            cls.owned = gc.get_freeze_count() == 0
+        cls.holders += 1
+
+    @staticmethod
+    def point(*, full: bool = True) -> None:
+        gc.collect(2 if full else 1)
+        gc.freeze()
+
+    @classmethod
+    def release(cls) -> None:
+        cls.holders -= 1
+        if cls.holders == 0 and cls.owned:
+            gc.unfreeze()
+
+
+def _check_session(
+    session: Mapping[str, Any], mode: str, sample_rate: int, response_format: str
+) -> None:
+    """Refuse a misspelt ``session.update`` key or an unknown mode, rate or format."""
+    unknown = [k for k in session if k not in SESSION_KEYS]
+    if unknown:
+        k = unknown[0]
+        raise UsageError(
+            f"unknown session option {k!r}{_suggest(k, SESSION_KEYS)}; the session.update "
+            f"keys are {', '.join(SESSION_KEYS)} (and voice, mode, sample_rate, "
+            f"response_format); send a key this client does not know with "
+            f"extra_session={{{k!r}: ...}}"
+        )
+    if mode not in MODES:
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if sample_rate not in SAMPLE_RATES:
+        rates = ", ".join(map(str, SAMPLE_RATES))
+        raise UsageError(f"sample_rate must be one of {rates}, got {sample_rate!r}")
+    if response_format not in RESPONSE_FORMATS:
+        formats = ", ".join(RESPONSE_FORMATS)
+        raise UsageError(f"response_format must be one of {formats}, got {response_format!r}")
 
 
 def _suggest(word: str, choices: Sequence[str]) -> str:

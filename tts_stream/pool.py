@@ -5,9 +5,20 @@ so "pooling" means keeping *spares* ready ahead of need (research/peers.md §4.1
 is connected, has seen ``session.created``, sent ``session.update`` and received
 ``session.updated``, so the first text is the only thing left on the critical path.
 
-* After every checkout the pool refills in the background (target: ``size`` spares per key
-  that has been used or prewarmed); dials run in parallel, capped by ``dial_concurrency``,
-  with no global lock held while dialling.
+* Every checkout *owes* a refill. The refill dial starts when the lease that took the spare
+  has its first audio (:meth:`Lease.first_audio`, which the speech calls), when it is
+  released, or :data:`REFILL_BOUND_S` after the checkout, whichever comes first: it never
+  competes with that first audio (bench/README.md, Concurrency, hot spot E), and the next
+  turn finds the spare ready one dial time after the previous turn's first audio.
+* An acquire that finds no ready spare waits for a dial already in flight (a refill) rather
+  than starting another; it dials only when the dials in flight do not cover the waiters.
+* ``size`` spares per key that has been used or prewarmed, or ``size="auto"``: the recent
+  peak of leases in use at once for the key (the highest count over the last one to two
+  :data:`AUTO_WINDOW_S` windows), between 1 and ``auto_max``, so N callers speaking at once
+  each find a spare. A target that fell is reached by letting spares age out, not by
+  closing them early.
+* Dials run in parallel, capped by ``dial_concurrency``, with no global lock held while
+  dialling.
 * A spare is replaced before ``max_idle_s`` (the service closes idle sessions; the limit is
   undocumented, §5.10) and gracefully (``session.finish``), so no session shows as failed.
 * A spare the server closed while idle is discarded at once (the reader sees the close) and
@@ -15,10 +26,11 @@ is connected, has seen ``session.created``, sent ``session.update`` and received
   first send is the speech's business: it retries before any audio (speech.py).
 * Every connection lives in one *keeper* task, inside the TaskGroup owned by the pool's
   async context manager: the keeper enters the connection's context manager, parks it as a
-  spare or hands it to an acquirer, and leaves the context (closing it) when the lease is
-  released, the spare ages out, or the pool closes.
+  spare or hands it to a waiting acquirer, and leaves the context (closing it) when the
+  lease is released, the spare ages out, or the pool closes.
 * Each acquire records :class:`~tts_stream.metrics.AcquireInfo` (``acquire_ms``,
-  ``was_warm``, ``spare_age_s``).
+  ``was_warm``, ``spare_age_s``); :class:`PoolStats` counts warm and cold acquires and,
+  per cold one, why (:data:`COLD_REASONS`).
 
 Boundary: knows :class:`~tts_stream.connection.Connection` and nothing about text or sinks.
 """
@@ -33,7 +45,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from ._resource import StackResource
 from .config import Endpoint
@@ -41,12 +53,27 @@ from .connection import Connection
 from .errors import ClosedError, ConnectionFailed, Timeout, UsageError
 from .metrics import AcquireInfo
 
-__all__ = ["Lease", "Pool", "PoolKey", "PoolStats"]
+__all__ = ["COLD_REASONS", "Lease", "Pool", "PoolKey", "PoolStats"]
 
 log = logging.getLogger(__name__)
 
-#: Seconds between handing out a spare and dialling its replacement.
-REFILL_DELAY_S = 0.25
+#: Longest wait, after a checkout, before the spare's refill starts when the lease has not
+#: reported its first audio (a speech that holds a session without text, a lost session).
+REFILL_BOUND_S = 0.25
+
+#: ``size="auto"``: the peak of leases in use at once is kept per window of this many
+#: seconds; the target is the highest of the current and the previous window.
+AUTO_WINDOW_S = 30.0
+
+#: Why a cold acquire was cold (the keys of :attr:`PoolStats.cold_reasons`):
+#: ``first_use`` the key had no target yet (never used or prewarmed); ``no_spares_kept``
+#: the pool keeps none (``size=0``); ``spare_closed`` the spares there were had been closed
+#: by the server; ``refill_in_flight`` the refill was still dialling (the acquire waited for
+#: it instead of dialling another); ``dial_failed`` the last spare dial of the key failed;
+#: ``busy`` every spare was in use (more callers at once than spares).
+COLD_REASONS = (
+    "first_use", "no_spares_kept", "spare_closed", "refill_in_flight", "dial_failed", "busy",
+)  # fmt: skip
 
 # A spare the server closes sooner than this after it was ready is redialled with backoff.
 _SHORT_LIFE_S = 1.0
@@ -91,7 +118,7 @@ class PoolKey:
 
 @dataclass(frozen=True)
 class PoolStats:
-    """Counters of the pool since it opened, plus the spares ready now per key."""
+    """Counters of the pool since it opened, plus the state now per key."""
 
     dials: int = 0
     dial_failures: int = 0
@@ -103,6 +130,44 @@ class PoolStats:
     peak_parallel_dials: int = 0
     dials_in_flight: int = 0  # dials connecting now
     spares: Mapping[PoolKey, int] = field(default_factory=dict)
+    #: cold acquires by reason (:data:`COLD_REASONS`); they add up to ``cold_acquires``
+    cold_reasons: Mapping[str, int] = field(default_factory=dict)
+    targets: Mapping[PoolKey, int] = field(default_factory=dict)  # spares wanted per key now
+    leases: Mapping[PoolKey, int] = field(default_factory=dict)  # held or being acquired, per key
+    refills_owed: int = 0  # checkouts whose refill waits for their first audio
+
+
+class _Peak:
+    """The most leases of one key in use at once over the last one to two windows.
+
+    Pure: time is an argument. Two buckets (the current window and the previous one) are
+    enough for "recent": a burst is remembered for at least one window, at most two.
+    """
+
+    __slots__ = ("now", "current", "previous", "started")
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.current = 0
+        self.previous = 0
+        self.started = 0.0
+
+    def change(self, delta: int, at: float) -> None:
+        self._roll(at)
+        self.now += delta
+        self.current = max(self.current, self.now)
+
+    def peak(self, at: float) -> int:
+        self._roll(at)
+        return max(self.current, self.previous, self.now)
+
+    def _roll(self, at: float) -> None:
+        elapsed = at - self.started
+        if elapsed < AUTO_WINDOW_S:
+            return
+        self.previous = self.current if elapsed < 2 * AUTO_WINDOW_S else self.now
+        self.current = self.now
+        self.started = at
 
 
 class _Slot:
@@ -114,22 +179,37 @@ class _Slot:
         self.ready_at = 0.0
         self.checked_out = False
         self.released = False
+        self.owes_refill = False  # checked out, the refill not started yet
+        self.returned = False  # the lease was released (counted once)
+        self.refill_timer: asyncio.TimerHandle | None = None
         self.wake = asyncio.Event()
 
 
 class Lease:
     """A checked-out connection. ``release()`` (or leaving ``async with``) closes it."""
 
-    def __init__(self, slot: _Slot, info: AcquireInfo) -> None:
+    def __init__(self, pool: Pool, slot: _Slot, info: AcquireInfo) -> None:
         assert slot.conn is not None
+        self._pool = pool
         self._slot = slot
         self.connection: Connection = slot.conn
         self.info = info
+
+    def first_audio(self) -> None:
+        """Tell the pool this session delivered its first audio: the refill starts now.
+
+        Cheap and idempotent (the speech may call it for every delta); before it, the
+        refill waits (at most :data:`REFILL_BOUND_S`) so it never competes with the first
+        audio.
+        """
+        if self._slot.owes_refill:
+            self._pool._settle(self._slot)
 
     async def release(self) -> None:
         """Close the connection (it is single-use) and let its keeper task end. Idempotent."""
         if self._slot.released:
             return
+        self._pool._returned(self._slot)
         await self.connection.aclose()
         self._slot.released = True
         self._slot.wake.set()
@@ -149,46 +229,58 @@ class Lease:
 class Pool(StackResource):
     """Warm spares of realtime sessions. ``async with Pool(endpoint) as pool: ...``.
 
-    ``size``: spares kept per key once the key was used (``prewarm`` can raise it per key).
-    ``max_idle_s``: a spare older than this is replaced. ``connect`` options are passed to
-    each :class:`~tts_stream.connection.Connection`. ``aclose()`` finishes every spare
-    gracefully and closes checked-out connections.
+    ``size``: spares kept per key once the key was used (``prewarm`` can raise it per key),
+    or ``"auto"``: the key's recent peak of leases in use at once, between 1 and
+    ``auto_max``. ``max_idle_s``: a spare older than this is replaced. ``connect`` options
+    are passed to each :class:`~tts_stream.connection.Connection`. ``aclose()`` finishes
+    every spare gracefully and closes checked-out connections.
     """
 
     def __init__(
         self,
         endpoint: Endpoint,
         *,
-        size: int = 1,
+        size: int | Literal["auto"] = 1,
         max_idle_s: float = 45.0,
         dial_concurrency: int = 4,
         finish_timeout: float = 2.0,
+        auto_max: int = 32,
         **connect: Any,
     ) -> None:
-        if size < 0 or dial_concurrency < 1 or max_idle_s <= 0:
-            raise UsageError("need size >= 0, dial_concurrency >= 1 and max_idle_s > 0")
+        auto = size == "auto"
+        if not auto and not (isinstance(size, int) and size >= 0):
+            raise UsageError(f"size must be an int >= 0 or 'auto', got {size!r}")
+        if dial_concurrency < 1 or max_idle_s <= 0 or auto_max < 1:
+            raise UsageError("need dial_concurrency >= 1, max_idle_s > 0 and auto_max >= 1")
         self.endpoint = endpoint
-        self.size = size
+        self.size: int | Literal["auto"] = size
+        self.auto_max = auto_max
         self.max_idle_s = max_idle_s
+        self._auto = auto
+        self._floor = 1 if auto else int(size)  # spares once a key is used
         self._connect = connect
         self._finish_timeout = finish_timeout
         self._dial_sem = asyncio.Semaphore(dial_concurrency)
         self._spares: dict[PoolKey, deque[_Slot]] = {}
-        self._target: dict[PoolKey, int] = {}
+        self._target: dict[PoolKey, int] = {}  # the floor: size once used, or prewarm's n
+        self._peaks: dict[PoolKey, _Peak] = {}
         self._dialing: dict[PoolKey, int] = {}
+        self._owed: dict[PoolKey, int] = {}
+        self._waiters: dict[PoolKey, deque[asyncio.Future[_Slot]]] = {}
         self._slots: set[_Slot] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._closing = False
-        self._refills: dict[PoolKey, asyncio.TimerHandle] = {}
         self._changed = asyncio.Event()  # a dial finished (spare ready or failed)
         self._counts = {
             "dials": 0, "dial_failures": 0, "warm_acquires": 0, "cold_acquires": 0,
             "discarded_closed": 0, "replaced_aged": 0, "finished_gracefully": 0,
             "peak_parallel_dials": 0,
         }  # fmt: skip
+        self._cold_reasons: dict[str, int] = {}
         self._in_flight = 0
         self._backoff: dict[PoolKey, float] = {}
         self._dial_errors: dict[PoolKey, Exception] = {}  # the last failed spare dial
+        self._last_failed: set[PoolKey] = set()  # keys whose latest dial failed
         open_t = float(connect.get("open_timeout", 10.0))
         conf_t = float(connect.get("configure_timeout", 10.0))
         self._dial_timeout = open_t + conf_t + 5.0
@@ -205,17 +297,29 @@ class Pool(StackResource):
 
     async def _shutdown(self) -> None:
         self._closing = True
-        for handle in self._refills.values():
-            handle.cancel()
-        self._refills.clear()
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(ClosedError("the pool closed"))
         for slot in list(self._slots):
+            if slot.refill_timer is not None:
+                slot.refill_timer.cancel()
             slot.wake.set()
 
     # --- public API ---------------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
-        spares = {k: self.spares(k) for k in self._spares}
-        return PoolStats(**self._counts, dials_in_flight=self._in_flight, spares=spares)
+        now = time.monotonic()
+        keys = set(self._spares) | set(self._target)
+        return PoolStats(
+            **self._counts,
+            dials_in_flight=self._in_flight,
+            spares={k: self.spares(k) for k in self._spares},
+            cold_reasons=dict(self._cold_reasons),
+            targets={k: self._goal(k, now) for k in keys},
+            leases={k: peak.now for k, peak in self._peaks.items() if peak.now},
+            refills_owed=sum(self._owed.values()),
+        )
 
     async def wait_until(
         self, predicate: Callable[[PoolStats], bool], *, within: float = 10.0
@@ -269,116 +373,205 @@ class Pool(StackResource):
             raise ConnectionFailed(f"only {self.spares(key)} of {n} warm spares connected")
 
     async def acquire(self, key: PoolKey) -> Lease:
-        """A configured connection for ``key``: a warm spare if one is ready, else dial now."""
+        """A configured connection for ``key``: a warm spare if one is ready, else the next
+        dial that completes (a refill in flight, or a dial started now)."""
         self._check_open()
         t0 = time.monotonic()
-        self._target[key] = max(self._target.get(key, 0), self.size)
-        queue = self._spares.get(key)
-        while queue:
-            slot = queue.popleft()
-            if slot.conn is not None and slot.conn.is_usable:
-                slot.checked_out = True
-                slot.wake.set()
-                self._refill_later(key)
-                now = time.monotonic()
-                self._counts["warm_acquires"] += 1
-                return Lease(slot, AcquireInfo((now - t0) * 1000.0, True, now - slot.ready_at))
-            slot.wake.set()  # closed while idle: its keeper discards it
-        assert self._tg is not None
-        waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
-        self._tg.create_task(self._keeper(key, waiter), name="tts-stream-pool-dial")
-        self._ensure(key)
+        first_use = key not in self._target
+        self._target[key] = max(self._target.get(key, 0), self._floor)
+        self._peaks.setdefault(key, _Peak()).change(+1, t0)
+        self._owed[key] = self._owed.get(key, 0) + 1
         try:
-            async with asyncio.timeout(self._dial_timeout):
-                slot = await waiter
-        except TimeoutError as exc:
-            raise Timeout("a realtime session", self._dial_timeout) from exc
+            slot, closed_seen = self._take_spare(key)
+            if slot is not None:
+                self._counts["warm_acquires"] += 1
+                now = time.monotonic()
+                return self._lease(
+                    slot, AcquireInfo((now - t0) * 1000.0, True, now - slot.ready_at)
+                )
+            reason = self._cold_reason(key, first_use=first_use, closed_seen=closed_seen)
+            slot = await self._next_dial(key)
+        except BaseException:
+            self._peaks[key].change(-1, time.monotonic())
+            self._owed[key] -= 1
+            self._ensure(key)
+            raise
         self._counts["cold_acquires"] += 1
-        return Lease(slot, AcquireInfo((time.monotonic() - t0) * 1000.0, False, None))
+        self._cold_reasons[reason] = self._cold_reasons.get(reason, 0) + 1
+        return self._lease(slot, AcquireInfo((time.monotonic() - t0) * 1000.0, False, None))
 
-    # --- internals ----------------------------------------------------------------------------
+    # --- checkout and refill ------------------------------------------------------------------
 
     def _check_open(self) -> None:
         if self._tg is None or self._closing:
             raise ClosedError("pool is not open")
 
-    def _refill_later(self, key: PoolKey) -> None:
-        """Replace a spare just handed out, but not while its lease waits for first audio.
+    def _take_spare(self, key: PoolKey) -> tuple[_Slot | None, bool]:
+        """Pop the oldest usable spare (and whether closed ones were passed over)."""
+        queue = self._spares.get(key)
+        closed_seen = False
+        while queue:
+            slot = queue.popleft()
+            if slot.conn is not None and slot.conn.is_usable:
+                slot.checked_out = True
+                slot.wake.set()
+                return slot, closed_seen
+            closed_seen = True
+            slot.wake.set()  # closed while idle: its keeper discards it
+        return None, closed_seen
 
-        A dial right away competes with that lease for this loop and for the server
-        (bench/README.md, Concurrency, hot spot E: it doubled the engine's added latency).
-        """
+    def _cold_reason(self, key: PoolKey, *, first_use: bool, closed_seen: bool) -> str:
+        if self._goal(key, time.monotonic()) == 0:
+            return "no_spares_kept"
+        if first_use:
+            return "first_use"
+        if closed_seen:
+            return "spare_closed"
+        if self._dialing.get(key, 0) > self._live_waiters(key):
+            return "refill_in_flight"
+        if key in self._last_failed:
+            return "dial_failed"
+        return "busy"
 
-        def fire() -> None:
-            self._refills.pop(key, None)
-            self._ensure(key)
+    async def _next_dial(self, key: PoolKey) -> _Slot:
+        """Wait for the next spare dial of ``key`` to complete; start one if none covers us."""
+        waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(key, deque())
+        waiters.append(waiter)
+        self._ensure(key)
+        try:
+            async with asyncio.timeout(self._dial_timeout):
+                return await waiter
+        except TimeoutError as exc:
+            _abandon(waiter)
+            raise Timeout("a realtime session", self._dial_timeout) from exc
+        except BaseException:
+            _abandon(waiter)
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                waiters.remove(waiter)
 
-        if key not in self._refills:
-            self._refills[key] = asyncio.get_running_loop().call_later(REFILL_DELAY_S, fire)
+    def _lease(self, slot: _Slot, info: AcquireInfo) -> Lease:
+        slot.owes_refill = True
+        slot.refill_timer = asyncio.get_running_loop().call_later(
+            REFILL_BOUND_S, self._settle, slot
+        )
+        return Lease(self, slot, info)
+
+    def _settle(self, slot: _Slot) -> None:
+        """The checkout of ``slot`` no longer holds its refill back: dial it now."""
+        if not slot.owes_refill:
+            return
+        slot.owes_refill = False
+        if slot.refill_timer is not None:
+            slot.refill_timer.cancel()
+            slot.refill_timer = None
+        self._owed[slot.key] -= 1
+        self._ensure(slot.key)
+
+    def _returned(self, slot: _Slot) -> None:
+        """A lease was released: its refill (if still owed) starts now."""
+        if slot.returned:
+            return
+        slot.returned = True
+        self._peaks[slot.key].change(-1, time.monotonic())
+        self._settle(slot)
+
+    def _goal(self, key: PoolKey, now: float) -> int:
+        """Spares wanted for ``key``: the floor, or with ``size="auto"`` the recent peak."""
+        floor = self._target.get(key, 0)
+        if not self._auto or key not in self._peaks:
+            return floor
+        return max(floor, min(self._peaks[key].peak(now), self.auto_max))
+
+    def _live_waiters(self, key: PoolKey) -> int:
+        return sum(1 for w in self._waiters.get(key, ()) if not w.done())
 
     def _ensure(self, key: PoolKey) -> None:
-        """Start dials so that spares + dials in flight reach the key's target."""
+        """Start dials so that spares + dials in flight cover the waiting acquirers plus
+        the key's target, less the refills still held back for a first audio."""
         if self._closing or self._tg is None:
             return
+        wanted = max(0, self._goal(key, time.monotonic()) - self._owed.get(key, 0))
         have = self.spares(key) + self._dialing.get(key, 0)
-        for _ in range(self._target.get(key, 0) - have):
+        for _ in range(self._live_waiters(key) + wanted - have):
             self._dialing[key] = self._dialing.get(key, 0) + 1
-            self._tg.create_task(self._keeper(key, None), name="tts-stream-pool-spare")
+            self._tg.create_task(self._keeper(key), name="tts-stream-pool-spare")
 
-    async def _keeper(self, key: PoolKey, waiter: asyncio.Future[_Slot] | None) -> None:
+    # --- one connection's life ----------------------------------------------------------------
+
+    async def _keeper(self, key: PoolKey) -> None:
         """Own one connection from dial to close. Never raises (it lives in the pool's group)."""
         slot = _Slot(key)
         self._slots.add(slot)
-        counted = waiter is None  # spare dials are counted in _dialing until ready
         try:
             async with contextlib.AsyncExitStack() as stack:
-                conn = Connection(
-                    self.endpoint, model=key.model, session=key.session(), **self._connect
-                )
-                conn.on_closed = slot.wake.set
-                try:
-                    async with self._dial_sem:
-                        self._counts["dials"] += 1
-                        self._in_flight += 1
-                        peak = max(self._counts["peak_parallel_dials"], self._in_flight)
-                        self._counts["peak_parallel_dials"] = peak
-                        try:
-                            await stack.enter_async_context(conn)
-                        finally:
-                            self._in_flight -= 1
-                except Exception as exc:
-                    self._counts["dial_failures"] += 1
-                    if waiter is not None and not waiter.done():
-                        waiter.set_exception(exc)
-                    else:
-                        self._dial_errors[key] = exc
-                        log.warning("dialling a spare for %s failed: %s", key.voice, exc)
-                    return
-                finally:
-                    if counted:
-                        self._dialing[key] -= 1
-                        counted = False
-                    self._changed.set()
-                slot.conn = conn
-                slot.ready_at = time.monotonic()
-                if waiter is not None and not waiter.done():
-                    slot.checked_out = True
-                    waiter.set_result(slot)
-                else:
-                    self._spares.setdefault(key, deque()).append(slot)
-                self._changed.set()
-                await self._hold(slot, conn)
+                conn = await self._dial(slot, stack)
+                if conn is not None:
+                    self._place(slot, conn)
+                    await self._hold(slot, conn)
         except Exception:
             log.exception("pool keeper failed")
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(Timeout("a realtime session", 0.0))
         finally:
-            if counted:
-                self._dialing[key] -= 1
             self._slots.discard(slot)
             queue = self._spares.get(key)
             if queue and slot in queue:
                 queue.remove(slot)
+
+    async def _dial(self, slot: _Slot, stack: contextlib.AsyncExitStack) -> Connection | None:
+        """Connect and configure; on failure count it, tell a waiter (or log) and return None."""
+        key = slot.key
+        conn = Connection(self.endpoint, model=key.model, session=key.session(), **self._connect)
+        conn.on_closed = slot.wake.set
+        try:
+            async with self._dial_sem:
+                self._counts["dials"] += 1
+                self._in_flight += 1
+                peak = max(self._counts["peak_parallel_dials"], self._in_flight)
+                self._counts["peak_parallel_dials"] = peak
+                try:
+                    await stack.enter_async_context(conn)
+                finally:
+                    self._in_flight -= 1
+        except Exception as exc:
+            self._counts["dial_failures"] += 1
+            self._dial_failed(key, exc)
+            return None
+        finally:
+            self._dialing[key] -= 1
+        self._last_failed.discard(key)
+        return conn
+
+    def _dial_failed(self, key: PoolKey, exc: Exception) -> None:
+        self._last_failed.add(key)
+        waiter = self._pop_waiter(key)
+        if waiter is not None:
+            waiter.set_exception(exc)
+        else:
+            self._dial_errors[key] = exc
+            log.warning("dialling a spare for %s failed: %s", key.voice, exc)
+        self._changed.set()
+
+    def _pop_waiter(self, key: PoolKey) -> asyncio.Future[_Slot] | None:
+        waiters = self._waiters.get(key)
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                return waiter
+        return None
+
+    def _place(self, slot: _Slot, conn: Connection) -> None:
+        """A ready connection goes to the oldest waiting acquirer, else into the spares."""
+        slot.conn = conn
+        slot.ready_at = time.monotonic()
+        waiter = self._pop_waiter(slot.key)
+        if waiter is not None:
+            slot.checked_out = True
+            waiter.set_result(slot)
+        else:
+            self._spares.setdefault(slot.key, deque()).append(slot)
+        self._changed.set()
 
     async def _hold(self, slot: _Slot, conn: Connection) -> None:
         # Idle phase: wait for a checkout, a server close, the age limit or pool shutdown.
@@ -445,3 +638,13 @@ class Pool(StackResource):
             log.debug("graceful finish of a spare failed: %r", exc)
         finally:
             self._changed.set()
+
+
+def _abandon(waiter: asyncio.Future[_Slot]) -> None:
+    """An acquire gave up: a slot handed to it in the same instant is released, not leaked."""
+    if not waiter.done():
+        waiter.cancel()
+    elif not waiter.cancelled() and waiter.exception() is None:
+        slot = waiter.result()
+        slot.released = True
+        slot.wake.set()

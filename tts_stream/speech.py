@@ -645,6 +645,7 @@ class Speech:
         offset = self._ledger.audio(len(frame))  # nothing is replayable from now on
         att.last_activity = frame.received_at
         await self._fanout.write(Frame(frame.samples, offset, frame.response_id, frame.received_at))
+        att.lease.first_audio()  # the pool starts the refill now (idempotent, O(1))
 
     def _on_response_started(self, rid: str, at: float) -> None:
         if self._ledger.response_started(rid):
