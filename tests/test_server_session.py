@@ -408,3 +408,17 @@ def test_every_server_event_round_trips_through_the_client_parser() -> None:
         assert m.dumpb(back) == m.dumpb(event) == m.dumps(event).encode()
     same = dataclasses.replace(events[0])
     assert m.dumpb(same) == m.dumpb(events[0])
+
+
+def test_ids_are_prefixed_base62_counters() -> None:
+    ids = Ids(b"a" * 13, 0)
+    assert ids.next() == b"a" * 13 + b"00000001"
+    assert Ids(b"a" * 13, 8).next().endswith(b"00000009")
+    assert Ids(b"a" * 13, 9).next().endswith(b"0000000a")
+    assert Ids(b"a" * 13, 60).next().endswith(b"0000000Z")
+    assert Ids(b"a" * 13, 61).next().endswith(b"00000010")
+    assert Ids(b"a" * 13, 62**8 - 1).next().endswith(b"00000000")  # eight digits, wrapping
+    made = [Ids().make("resp_") for _ in range(50)]
+    assert len(set(made)) == 50
+    alphabet = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    assert all(len(i) == 5 + 21 and set(i[5:]) <= alphabet for i in made)

@@ -144,6 +144,7 @@ class SessionState(enum.Enum):
 # --- ids -----------------------------------------------------------------------------------------
 
 _B62 = (string.digits + string.ascii_letters).encode()
+_PAIRS = tuple(bytes((a, b)) for a in _B62 for b in _B62)  # "00", "01", ... "ZZ": 62**2
 
 
 class Ids:
@@ -157,19 +158,26 @@ class Ids:
     __slots__ = ("_n", "_stem")
 
     def __init__(self, stem: bytes | None = None, start: int | None = None) -> None:
-        self._stem = stem if stem is not None else bytes(secrets.choice(_B62) for _ in range(13))
+        self._stem = stem if stem is not None else _base62(secrets.randbelow(62**13), 13)
         self._n = start if start is not None else secrets.randbelow(62**7)
 
     def next(self) -> bytes:
         self._n += 1
-        n, out = self._n, bytearray(8)
-        for i in range(7, -1, -1):
-            n, r = divmod(n, 62)
-            out[i] = _B62[r]
-        return self._stem + bytes(out)
+        n, d4 = divmod(self._n, 3844)  # two base62 digits at a time (every delta takes an id)
+        n, d3 = divmod(n, 3844)
+        n, d2 = divmod(n, 3844)
+        return b"".join((self._stem, _PAIRS[n % 3844], _PAIRS[d2], _PAIRS[d3], _PAIRS[d4]))
 
     def make(self, prefix: str) -> str:
         return prefix + self.next().decode()
+
+
+def _base62(n: int, digits: int) -> bytes:
+    out = bytearray(digits)
+    for i in range(digits - 1, -1, -1):
+        n, r = divmod(n, 62)
+        out[i] = _B62[r]
+    return bytes(out)
 
 
 # --- commands ------------------------------------------------------------------------------------
