@@ -247,7 +247,7 @@ async def run_turns(
     import dashscope
 
     dashscope.api_key = srv.api_key
-    from tests.samplegen import good_sample_wav
+    from tts_stream.testing.samplegen import good_sample_wav
 
     records: list[dict[str, Any]] = []
     async with Engine(base_url=srv.base_url, api_key=srv.api_key, pool_size=1) as engine:
