@@ -354,7 +354,9 @@ class SoundCardSink(BaseSink):
             )
         rate = negotiate_rate(
             fmt.sample_rate,
-            supported=lambda r: probe_rate(module, self.backend, info, r, fmt.channels, "output"),
+            supported=lambda r: probe_rate(
+                module, self.backend, info, r, channels=fmt.channels, kind="output"
+            ),
             default_rate=info.default_samplerate,
             forced=self._forced_rate,
         )
