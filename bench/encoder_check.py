@@ -47,7 +47,7 @@ def dump(path: str) -> None:
 
 def compare(path: str) -> None:
     import numpy as np
-    from resemblyzer import VoiceEncoder, preprocess_wav
+    from resemblyzer import VoiceEncoder, preprocess_wav  # type: ignore[import-untyped]
 
     data = np.load(path)
     enc = VoiceEncoder(device="cpu", verbose=False)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import io
 import struct
-from typing import cast
 
 import av
 import numpy as np
@@ -39,7 +38,7 @@ def long_mp3(copies: int = 240) -> bytes:
     buf = io.BytesIO()
     options = {"write_xing": "0", "id3v2_version": "0"}
     with av.open(buf, "w", format="mp3", options=options) as container:
-        stream = cast(av.AudioStream, container.add_stream("libmp3lame", rate=24000, layout="mono"))
+        stream = container.add_stream("libmp3lame", rate=24000, layout="mono")
         stream.bit_rate = 8000
         frame = av.AudioFrame.from_ndarray(
             np.ascontiguousarray(pcm.reshape(1, -1)), format="s16", layout="mono"

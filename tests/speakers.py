@@ -56,6 +56,7 @@ def _piper_reading() -> PCM16:
 @functools.cache
 def sample(name: str, seconds: float = 12.0) -> PCM16:
     """A speaker's 24 kHz sample (read-only)."""
+    pcm: PCM16
     if name in PIPER_SPEAKERS:
         r = PIPER_SPEAKERS[name]
         tape = soxr.resample(_piper_reading().astype(np.float32), PIPER_SAMPLE_RATE * r, RATE)
