@@ -4,8 +4,7 @@ The engine never imports ``sinks`` or ``integrations`` (the framework adapters, 
 the engine and the sinks like an application); ``sinks`` import only ``tts_stream.audio``,
 ``tts_stream.errors`` and ``tts_stream.portaudio`` (the ring and devices shared with the
 recorder); the server never imports the client; the pure core imports no
-asyncio, sockets or clock. No function in ``tts_stream`` or ``sinks`` is longer than
-:data:`MAX_FUNCTION_LINES` (ruff's C901 and PLR rules keep their complexity down).
+asyncio, sockets or clock.
 """
 
 from __future__ import annotations
@@ -112,6 +111,8 @@ def test_the_core_is_pure(name: str) -> None:
 
 
 # --- function length ------------------------------------------------------------------------
+# No function in ``tts_stream`` or ``sinks`` is longer than MAX_FUNCTION_LINES (ruff's C901
+# and PLR rules in pyproject.toml keep their complexity down).
 
 MAX_FUNCTION_LINES = 60
 
