@@ -45,6 +45,7 @@ import os
 import subprocess
 import sys
 import venv
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 Driver(ours) as driver,
                 Community(python, srv, voice.name, voice.target_model) as community,
             ):
-                sides = {
+                sides: dict[str, Callable[[list[str]], Awaitable[dict[str, Any]]]] = {
                     "tts-stream": driver.turn,
                     "pipecat-dashscope": lambda texts: community.ask(
                         {"op": "turn", "texts": texts}

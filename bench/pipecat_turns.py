@@ -99,10 +99,10 @@ class Driver:
     async def __aenter__(self) -> Driver:
         started = asyncio.Event()
 
-        @self.worker.event_handler("on_pipeline_started")
         async def _started(worker: Any, frame: Any) -> None:
             started.set()
 
+        self.worker.add_event_handler("on_pipeline_started", _started)
         await self._runner.add_workers(self.worker)
         self._task = asyncio.get_running_loop().create_task(self._runner.run())
         async with asyncio.timeout(30):
@@ -180,10 +180,11 @@ def dashscope_service(args: argparse.Namespace) -> FrameProcessor:
 
     # The service has no URL option (it always dials the cloud): bind the SDK class it
     # uses to the local server's URL. Nothing else of the service is touched.
-    community.QwenTtsRealtime = functools.partial(QwenTtsRealtime, url=args.ws_url)  # type: ignore[attr-defined,misc]
-    return community.DashScopeQwenRealtimeTTSService(
+    community.QwenTtsRealtime = functools.partial(QwenTtsRealtime, url=args.ws_url)
+    service: FrameProcessor = community.DashScopeQwenRealtimeTTSService(
         api_key=os.environ[KEY_ENV], model=args.model, voice=args.voice
     )
+    return service
 
 
 async def serve(service: FrameProcessor) -> None:

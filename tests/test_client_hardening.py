@@ -255,6 +255,7 @@ async def test_echoed_events_and_close_reasons_are_redacted(
     if isinstance(exc, ServerError):
         assert exc.code == "invalid_value.sk-***" and "voice sk-*** not found" in exc.message
     else:
+        assert isinstance(exc, ConnectionLost)
         assert exc.reason == "bye sk-***" and "bye sk-***" in str(exc)
     assert_no_key(exc, caplog)
 

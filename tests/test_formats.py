@@ -51,7 +51,7 @@ def decode_all(fmt: str, stream: bytes, rate: int, split: int | None = None) -> 
 
 def ffmpeg_decode(stream: bytes, rate: int) -> PCM16:
     """FFmpeg's demuxer and default decoder, resampled to ``rate`` s16 mono."""
-    with av.open(io.BytesIO(stream)) as container:
+    with av.open(io.BytesIO(stream), "r") as container:
         rs = av.AudioResampler(format="s16", layout="mono", rate=rate)
         out = [f.to_ndarray().reshape(-1) for fr in container.decode(audio=0)
                for f in rs.resample(fr)]  # fmt: skip

@@ -105,6 +105,7 @@ async def test_stream_speaks_tokens_as_one_segment_with_metrics(
     assert m.streamed and m.characters_count == len(TEXT)
     assert 0 < m.ttfb < 5 and m.audio_duration == pytest.approx(record.audio_ms / 1000)
     assert m.connection_reused is True  # the prewarmed spare
+    assert record.acquire_ms is not None
     assert m.acquire_time == pytest.approx(record.acquire_ms / 1000)
     assert not seen.errors
 

@@ -81,7 +81,12 @@ def turn(*texts: str) -> list[Frame]:
 
 def contexts(frames: Sequence[Frame]) -> list[str]:
     """Context ids of the TTSStartedFrames, in order."""
-    return [f.context_id for f in frames if isinstance(f, TTSStartedFrame)]
+    ids = []
+    for f in frames:
+        if isinstance(f, TTSStartedFrame):
+            assert f.context_id is not None  # the service names every turn
+            ids.append(f.context_id)
+    return ids
 
 
 def audio_of(frames: Sequence[Frame], context_id: str) -> list[TTSAudioRawFrame]:
@@ -345,20 +350,20 @@ async def test_a_paused_pipeline_keeps_memory_bounded(
 
 
 async def test_clone_voice_checks_locally_then_feeds_the_service(server: LocalServer) -> None:
-    where = {"base_url": server.base_url, "api_key": server.api_key}
+    url, key = server.base_url, server.api_key
     before = server.stats().http_requests
     with pytest.raises(SampleRejected) as info:
-        await clone_voice(low_rate_wav(), preferred_name="bad", **where)
+        await clone_voice(low_rate_wav(), preferred_name="bad", base_url=url, api_key=key)
     assert "24" in str(info.value)  # names the rule it broke (the sample rate)
     assert server.stats().http_requests == before  # nothing was sent
 
-    voice = await clone_voice(good_sample_wav(), preferred_name="bot", **where)
+    voice = await clone_voice(good_sample_wav(), preferred_name="bot", base_url=url, api_key=key)
     assert voice.target_model == VC_MODELS[0]
-    tts = TtsStreamTTSService(voice=voice, **where)
+    tts = TtsStreamTTSService(voice=voice, base_url=url, api_key=key)
     down, up = await run_test(tts, frames_to_send=[TTSSpeakFrame("Cloned for Pipecat.")])
     assert not errors(up) and audio_of(down, contexts(down)[0])
-    assert await delete_voice(voice, **where) is True
-    assert await delete_voice(voice, **where) is False
+    assert await delete_voice(voice, base_url=url, api_key=key) is True
+    assert await delete_voice(voice, base_url=url, api_key=key) is False
 
 
 async def test_sink_output_writes_and_interrupts_tts_stream_sinks(

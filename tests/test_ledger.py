@@ -138,6 +138,30 @@ STEP = st.one_of(
 )
 
 
+def _respond(ledger: Ledger, pending: str, rid: str, samples: int, share: float) -> tuple[str, int]:
+    """A whole response of ``samples`` consuming ``share`` of ``pending``: (text, billed)."""
+    take = pending[: int(len(pending) * share)]
+    ledger.response_started(rid)
+    if samples:
+        ledger.audio(samples)
+    chars = billable_characters(take)
+    return ledger.response_finished(rid, chars), chars
+
+
+def _replay(ledger: Ledger) -> str:
+    """Resend the replay log through the ledger, as the speech does; the text appended."""
+    replayed = ""
+    for kind, text in ledger.replay():
+        if kind == "append":
+            ledger.appended(text)
+            replayed += text
+        elif kind == "commit":
+            ledger.committed()
+        else:
+            ledger.finishing()
+    return replayed
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(STEP, max_size=40))
 def test_ledger_invariants(steps: list[tuple[str, object]]) -> None:
@@ -158,30 +182,14 @@ def test_ledger_invariants(steps: list[tuple[str, object]]) -> None:
         elif op == "response":
             assert isinstance(arg, tuple)
             samples, share = arg
-            pending = pushed[len(consumed):]
-            take = pending[: int(len(pending) * share)]
-            rid = f"r{i}"
-            ledger.response_started(rid)
-            if samples:
-                ledger.audio(samples)
-                heard_samples += samples
-            chars = billable_characters(take)
-            consumed += ledger.response_finished(rid, chars)
+            text, chars = _respond(ledger, pushed[len(consumed):], f"r{i}", samples, share)
+            consumed += text
             billed += chars
+            heard_samples += samples
         elif op == "lost":
             if ledger.replayable:
-                ops = ledger.replay()
                 consumed, billed = "", 0
-                replayed = ""
-                for kind, text in ops:  # the speech resends them through the ledger
-                    if kind == "append":
-                        ledger.appended(text)
-                        replayed += text
-                    elif kind == "commit":
-                        ledger.committed()
-                    else:
-                        ledger.finishing()
-                assert replayed == pushed  # everything since the start, nothing more
+                assert _replay(ledger) == pushed  # everything since the start, nothing more
         else:
             assert isinstance(arg, float)
             report = ledger.report({"sink": int(heard_samples * arg)})

@@ -70,7 +70,7 @@ def cli(*args: str, base_url: str) -> subprocess.Popen[str]:
 
 
 def wav_frames(path: Path) -> int:
-    with wave.open(str(path)) as w:
+    with wave.open(str(path), "rb") as w:
         return w.getnframes()
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +38,10 @@ def read_wav(path: Path) -> np.ndarray:
         return np.frombuffer(w.readframes(w.getnframes()), np.int16)
 
 
-def start(args: list[str], env: dict[str, str], **kw: object) -> subprocess.Popen[str]:
+def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*CLI, *args], cwd=REPO, env={**os.environ, **env}, text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw,  # type: ignore[call-overload]
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
 
 
@@ -74,7 +74,7 @@ def no_leftovers(directory: Path, name: str) -> None:
     assert not [p.name for p in directory.iterdir() if p.name.startswith(f".{name}.")]
 
 
-CASES = {
+CASES: dict[str, tuple[Callable[[], g.PCM16], int, set[str]]] = {
     "clean": (lambda: g.speech(12.0), 0, set()),
     "snr15": (lambda: g.noisy_speech(15), 0, {"signal-to-noise"}),
     "clipped": (lambda: g.clipped_speech(4.0), 0, {"clipped at full scale"}),

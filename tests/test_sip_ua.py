@@ -3,6 +3,8 @@ machine with time as an argument (RFC 3261 timers G/H/E), RFC 4733 DTMF."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -51,7 +53,7 @@ def request(
     return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
 
 
-def responses(out: list[object]) -> list[SipResponse]:
+def responses(out: Sequence[object]) -> list[SipResponse]:
     got = []
     for o in out:
         if isinstance(o, Send):

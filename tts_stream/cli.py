@@ -45,54 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"tts-stream {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
-    target = argparse.ArgumentParser(add_help=False)
-    target.add_argument("--base-url", help="service base URL, e.g. http://127.0.0.1:8000")
-    target.add_argument(
-        "--region", choices=["intl", "cn"], default=None, help="DashScope region (default intl)"
-    )
-    target.add_argument("--workspace", help="DashScope workspace id")
-    target.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="data of the embedded server (default: $TTS_STREAM_DATA or ~/.local/share/tts-stream)",
-    )
+    target = _target_options()
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    s = sub.add_parser("serve", help="run the local DashScope-compatible server")
-    s.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to bind (default 127.0.0.1; any other is reachable from the network, "
-        "in plain HTTP: a warning is printed)",
-    )
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--backend", choices=["piper", "espeak", "tone"], default=None,
-                   help="speech backend (default: piper when installed, else espeak)")
-    s.add_argument("--pacing", choices=["burst", "realtime"], default="burst")
-    s.add_argument("--data-dir", type=Path, default=None)
-    s.add_argument("--api-key", help="accept this key (default: $DASHSCOPE_API_KEY or generated)")
-    s.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics on this port (same --host)")  # fmt: skip
+    _add_serve_parser(sub)
 
     c = sub.add_parser("check", help="check a clone sample locally (no network)")
     c.add_argument("sample", type=Path)
     c.add_argument("--strict", action="store_true", help="fail on quality warnings too")
 
-    v = sub.add_parser("voices", help="create, list or delete cloned voices")
-    vsub = v.add_subparsers(dest="voices_command", required=True, metavar="ACTION")
-    vc = vsub.add_parser("create", parents=[target], help="clone a voice from a sample")
-    vc.add_argument("sample", help="WAV/MP3/M4A file, or an http(s) URL")
-    vc.add_argument("--name", required=True, help="preferred_name: [A-Za-z0-9_]{1,16}")
-    vc.add_argument("--model", default=VC_MODELS[0], choices=VC_MODELS, help="target model")
-    vc.add_argument("--text", help="transcript of the sample")
-    vc.add_argument("--language", help="language of the sample (zh, en, ...)")
-    vc.add_argument("--strict", action="store_true", help="refuse on quality warnings too")
-    vl = vsub.add_parser("list", parents=[target], help="list every voice")
-    vl.add_argument("--page-size", type=int, default=100)
-    vd = vsub.add_parser("delete", parents=[target], help="delete voices")
-    vd.add_argument("voice", nargs="+")
-    vd.add_argument("--missing-ok", action="store_true")
+    _add_voices_parsers(sub, target)
 
     sp = sub.add_parser("speak", parents=[target], help="speak text with a cloned voice")
     sp.add_argument("voice", help="voice name (as printed by `voices create`)")
@@ -114,6 +75,58 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--input", action="store_true", help="list input devices (microphones)")
     _add_record_parsers(sub, target)
     return p
+
+
+def _target_options() -> argparse.ArgumentParser:
+    """The options naming the service, shared by every subcommand that talks to one."""
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument("--base-url", help="service base URL, e.g. http://127.0.0.1:8000")
+    target.add_argument(
+        "--region", choices=["intl", "cn"], default=None, help="DashScope region (default intl)"
+    )
+    target.add_argument("--workspace", help="DashScope workspace id")
+    target.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="data of the embedded server (default: $TTS_STREAM_DATA or ~/.local/share/tts-stream)",
+    )
+    return target
+
+
+def _add_serve_parser(sub: Any) -> None:
+    s = sub.add_parser("serve", help="run the local DashScope-compatible server")
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; any other is reachable from the network, "
+        "in plain HTTP: a warning is printed)",
+    )
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--backend", choices=["piper", "espeak", "tone"], default=None,
+                   help="speech backend (default: piper when installed, else espeak)")
+    s.add_argument("--pacing", choices=["burst", "realtime"], default="burst")
+    s.add_argument("--data-dir", type=Path, default=None)
+    s.add_argument("--api-key", help="accept this key (default: $DASHSCOPE_API_KEY or generated)")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (same --host)")  # fmt: skip
+
+
+def _add_voices_parsers(sub: Any, target: argparse.ArgumentParser) -> None:
+    v = sub.add_parser("voices", help="create, list or delete cloned voices")
+    vsub = v.add_subparsers(dest="voices_command", required=True, metavar="ACTION")
+    vc = vsub.add_parser("create", parents=[target], help="clone a voice from a sample")
+    vc.add_argument("sample", help="WAV/MP3/M4A file, or an http(s) URL")
+    vc.add_argument("--name", required=True, help="preferred_name: [A-Za-z0-9_]{1,16}")
+    vc.add_argument("--model", default=VC_MODELS[0], choices=VC_MODELS, help="target model")
+    vc.add_argument("--text", help="transcript of the sample")
+    vc.add_argument("--language", help="language of the sample (zh, en, ...)")
+    vc.add_argument("--strict", action="store_true", help="refuse on quality warnings too")
+    vl = vsub.add_parser("list", parents=[target], help="list every voice")
+    vl.add_argument("--page-size", type=int, default=100)
+    vd = vsub.add_parser("delete", parents=[target], help="delete voices")
+    vd.add_argument("voice", nargs="+")
+    vd.add_argument("--missing-ok", action="store_true")
 
 
 def _add_sink_options(p: argparse.ArgumentParser) -> None:
@@ -170,13 +183,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return _run(run_demo(out=args.out, play=not args.no_play,
                              data_dir=args.data_dir or default_data_dir()))  # fmt: skip
-    if args.command == "voices":
-        return _run(_voices(args))
-    if args.command == "speak":
-        return _run(_speak(args))
-    if args.command == "ivr":
-        return _run(_ivr(args))
-    raise AssertionError(args.command)
+    # The subcommands that talk to a service (the real one, --base-url or the embedded server).
+    through_engine = {"voices": _voices, "speak": _speak, "ivr": _ivr}
+    if args.command not in through_engine:
+        raise AssertionError(args.command)
+    return _run(through_engine[args.command](args))
 
 
 def _run(coro: Any) -> int:

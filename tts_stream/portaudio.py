@@ -184,7 +184,7 @@ def select_device(
 
 
 def probe_rate(
-    module: Any, backend: str, device: DeviceInfo, rate: int, channels: int, kind: Kind
+    module: Any, backend: str, device: DeviceInfo, rate: int, *, channels: int, kind: Kind
 ) -> bool:
     """Whether the device can open an int16 stream at ``rate`` (PortAudio's format check)."""
     if backend == "sounddevice":

@@ -226,7 +226,7 @@ class Microphone:
         info = select_device(list_devices(module, self.backend, "input"), self.device, "input")
         rate = negotiate_rate(
             self.requested_rate,
-            supported=lambda r: probe_rate(module, self.backend, info, r, 1, "input"),
+            supported=lambda r: probe_rate(module, self.backend, info, r, channels=1, kind="input"),
             default_rate=info.default_samplerate,
             forced=None,
         )

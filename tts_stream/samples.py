@@ -564,17 +564,7 @@ def inspect_sample(source: str | os.PathLike[str] | bytes) -> SampleReport:
     container = sniff_container(data)
     mime = _MIME.get(container or "")
     uri_size = data_uri_size(size, mime or "application/octet-stream")
-    if size >= MAX_BYTES:
-        problems.append(
-            Problem("size", f"file is {size:,} bytes ({size / 2**20:.2f} MiB); it must be "
-                    f"under {MAX_BYTES:,} bytes ({MAX_BYTES / 2**20:g} MiB)", size, MAX_BYTES)
-        )  # fmt: skip
-    if uri_size >= MAX_BYTES:
-        problems.append(
-            Problem("data_uri_size", f"as a base64 data URI it is {uri_size:,} bytes "
-                    f"({uri_size / 2**20:.2f} MiB); it must be under {MAX_BYTES:,} bytes "
-                    f"({MAX_BYTES / 2**20:g} MiB)", uri_size, MAX_BYTES)
-        )  # fmt: skip
+    _size_rules(size, uri_size, problems)
     base = SampleReport(mime=mime, container=container, size_bytes=size, data_uri_bytes=uri_size)
     if container is None:
         problems.append(
@@ -601,24 +591,22 @@ def inspect_sample(source: str | os.PathLike[str] | bytes) -> SampleReport:
             problems.append(Problem("decode", f"cannot decode the {container} audio: {exc}",
                                     str(exc), None))  # fmt: skip
         return _finish(base, problems, warnings)
+    measured = _audio_rules(base, audio, problems, warnings)
+    return _finish(measured, problems, warnings)
+
+
+def _audio_rules(
+    base: SampleReport, audio: _Audio, problems: list[Problem], warnings: list[Problem]
+) -> SampleReport:
+    """The rules on the decoded audio (format, speech, quality); ``base`` with its figures."""
     problems += audio.extra
     duration = round(audio.duration_s, 3)
     _format_rules(_Header(audio.sample_rate, audio.channels, duration), problems, warnings)
     stats = _speech_stats(audio.mono)
-    if stats.longest_run_s < MIN_SPEECH_S:
-        problems.append(
-            Problem("speech", f"longest continuous speech is {stats.longest_run_s:.1f} s; at "
-                    f"least {MIN_SPEECH_S:.0f} s is needed", stats.longest_run_s, MIN_SPEECH_S)
-        )  # fmt: skip
-    if stats.longest_pause_s > MAX_PAUSE_S:
-        problems.append(
-            Problem("pauses", f"a pause between speech lasts {stats.longest_pause_s:.1f} s; "
-                    f"pauses must be at most {MAX_PAUSE_S:.0f} s", stats.longest_pause_s,
-                    MAX_PAUSE_S)
-        )  # fmt: skip
+    _speech_rules(stats, problems)
     quality = measure_quality(audio.mono)  # the recording guide's checks: warnings only
     warnings += quality_warnings(quality)
-    measured = replace(
+    return replace(
         base,
         quality=quality,
         codec=audio.codec,
@@ -631,7 +619,36 @@ def inspect_sample(source: str | os.PathLike[str] | bytes) -> SampleReport:
         longest_pause_s=stats.longest_pause_s,
         pitch_hz=measure_pitch(audio.mono, _VAD_RATE) if stats.speech_s else None,
     )
-    return _finish(measured, problems, warnings)
+
+
+def _size_rules(size: int, uri_size: int, problems: list[Problem]) -> None:
+    """The size limit, on the file and on the base64 data URI the request carries (§4.7)."""
+    if size >= MAX_BYTES:
+        problems.append(
+            Problem("size", f"file is {size:,} bytes ({size / 2**20:.2f} MiB); it must be "
+                    f"under {MAX_BYTES:,} bytes ({MAX_BYTES / 2**20:g} MiB)", size, MAX_BYTES)
+        )  # fmt: skip
+    if uri_size >= MAX_BYTES:
+        problems.append(
+            Problem("data_uri_size", f"as a base64 data URI it is {uri_size:,} bytes "
+                    f"({uri_size / 2**20:.2f} MiB); it must be under {MAX_BYTES:,} bytes "
+                    f"({MAX_BYTES / 2**20:g} MiB)", uri_size, MAX_BYTES)
+        )  # fmt: skip
+
+
+def _speech_rules(stats: _SpeechStats, problems: list[Problem]) -> None:
+    """Enough continuous speech, and no pause that is too long."""
+    if stats.longest_run_s < MIN_SPEECH_S:
+        problems.append(
+            Problem("speech", f"longest continuous speech is {stats.longest_run_s:.1f} s; at "
+                    f"least {MIN_SPEECH_S:.0f} s is needed", stats.longest_run_s, MIN_SPEECH_S)
+        )  # fmt: skip
+    if stats.longest_pause_s > MAX_PAUSE_S:
+        problems.append(
+            Problem("pauses", f"a pause between speech lasts {stats.longest_pause_s:.1f} s; "
+                    f"pauses must be at most {MAX_PAUSE_S:.0f} s", stats.longest_pause_s,
+                    MAX_PAUSE_S)
+        )  # fmt: skip
 
 
 def _format_rules(header: _Header, problems: list[Problem], warnings: list[Problem]) -> None:

@@ -12,7 +12,9 @@ Boundary: the public API of :mod:`tts_stream` only; imports no framework.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 
 from tts_stream import Engine, Voice
 from tts_stream.messages import VC_MODELS
@@ -38,23 +40,11 @@ async def clone_voice(
     The local check is ``engine.voices.create``'s own (it runs before any request); a URL
     sample cannot be checked locally and goes to the service as it is.
     """
-    if engine is not None:
-        return await _create(engine, sample, preferred_name, target_model, text, language)
-    async with Engine(base_url=base_url, api_key=api_key) as own:
-        return await _create(own, sample, preferred_name, target_model, text, language)
-
-
-async def _create(
-    engine: Engine,
-    sample: str | os.PathLike[str] | bytes,
-    name: str,
-    target_model: str,
-    text: str | None,
-    language: str | None,
-) -> Voice:
-    return await engine.voices.create(
-        sample, preferred_name=name, target_model=target_model, text=text, language=language
-    )
+    async with _using(engine, base_url, api_key) as used:
+        return await used.voices.create(
+            sample, preferred_name=preferred_name, target_model=target_model, text=text,
+            language=language,
+        )  # fmt: skip
 
 
 async def delete_voice(
@@ -65,7 +55,17 @@ async def delete_voice(
     api_key: str | None = None,
 ) -> bool:
     """Delete a cloned voice (``True`` if this call deleted it; a missing voice is ``False``)."""
+    async with _using(engine, base_url, api_key) as used:
+        return await used.voices.delete(voice, missing_ok=True)
+
+
+@contextlib.asynccontextmanager
+async def _using(
+    engine: Engine | None, base_url: str | None, api_key: str | None
+) -> AsyncIterator[Engine]:
+    """``engine`` as it is (the caller closes it), else a short-lived one of our own."""
     if engine is not None:
-        return await engine.voices.delete(voice, missing_ok=True)
+        yield engine
+        return
     async with Engine(base_url=base_url, api_key=api_key) as own:
-        return await own.voices.delete(voice, missing_ok=True)
+        yield own

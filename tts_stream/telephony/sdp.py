@@ -107,71 +107,105 @@ def parse_offer(body: bytes) -> Offer:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolViolation("SDP is not UTF-8") from exc
+    reader = _OfferReader()
+    for raw in text.splitlines():
+        line = raw.strip()
+        if len(line) >= 2 and line[1] == "=":
+            reader.read(line)
+    return reader.offer()
+
+
+@dataclass
+class _OfferReader:
+    """What an offer's lines said so far: the session level and its first ``m=audio`` section.
+
+    ``in_audio`` is true inside that section; once it ends (``seen_audio`` and not
+    ``in_audio``), later sections are skipped but their ``c=`` lines are still checked.
+    """
+
     session_host: str | None = None
     media_host: str | None = None
     port: int | None = None
-    pts: list[int] = []
-    rtpmap: dict[int, tuple[str, int]] = {}
-    fmtp: dict[int, str] = {}
+    pts: list[int] = field(default_factory=list)
+    rtpmap: dict[int, tuple[str, int]] = field(default_factory=dict)
+    fmtp: dict[int, str] = field(default_factory=dict)
     ptime: int | None = None
-    direction = "sendrecv"
-    session_id, version = "0", 0
-    in_audio = seen_audio = False
-    for raw in text.splitlines():
-        line = raw.strip()
-        if len(line) < 2 or line[1] != "=":
-            continue
+    direction: str = "sendrecv"
+    session_id: str = "0"
+    version: int = 0
+    in_audio: bool = False
+    seen_audio: bool = False
+
+    def read(self, line: str) -> None:
+        """One ``<kind>=<value>`` line; other kinds than o, m, c and a are ignored."""
         kind, value = line[0], line[2:]
         if kind == "o":
-            bits = value.split()
-            if len(bits) >= 3 and bits[2].isdigit():
-                session_id, version = bits[1], int(bits[2])
+            self._origin(value)
         elif kind == "m":
-            in_audio = False
-            bits = value.split()
-            if len(bits) >= 3 and bits[0] == "audio" and not seen_audio:
-                if not bits[1].split("/")[0].isdigit():
-                    raise ProtocolViolation(f"bad SDP media port in {line!r}")
-                port = int(bits[1].split("/")[0])
-                if bits[2] not in ("RTP/AVP", "RTP/AVPF"):
-                    raise ProtocolViolation(f"unsupported SDP transport {bits[2]!r}")
-                pts = [int(p) for p in bits[3:] if p.isdigit() and int(p) < 128]
-                in_audio = seen_audio = True
+            self._media(value, line)
         elif kind == "c":
-            bits = value.split()
-            if len(bits) < 3:
-                raise ProtocolViolation(f"bad SDP connection line {line!r}")
-            host = bits[2].split("/")[0]
-            if seen_audio and in_audio:
-                media_host = host
-            elif not seen_audio:
-                session_host = host
-        elif kind == "a" and (in_audio or not seen_audio):
-            name, _, rest = value.partition(":")
-            if name == "rtpmap" and in_audio:
-                pt_text, _, enc = rest.partition(" ")
-                enc_bits = enc.split("/")
-                if pt_text.isdigit() and len(enc_bits) >= 2 and enc_bits[1].isdigit():
-                    rtpmap[int(pt_text)] = (enc_bits[0].upper(), int(enc_bits[1]))
-            elif name == "fmtp" and in_audio:
-                pt_text, _, params = rest.partition(" ")
-                if pt_text.isdigit():
-                    fmtp[int(pt_text)] = params.strip()
-            elif name == "ptime" and rest.strip().isdigit():
-                ptime = int(rest.strip())
-            elif name in _DIRECTIONS:
-                direction = name
-    if port is None:
-        raise ProtocolViolation("SDP has no m=audio line")
-    conn = media_host or session_host
-    if conn is None:
-        raise ProtocolViolation("SDP has no connection address (c=)")
-    formats = []
-    for pt in pts:
-        enc, rate = rtpmap.get(pt) or _STATIC.get(pt, ("", 0))
-        if enc:
-            formats.append(PayloadFormat(pt, enc, rate, fmtp.get(pt, "")))
-    return Offer(conn, port, tuple(formats), ptime, direction, session_id, version)
+            self._connection(value, line)
+        elif kind == "a" and (self.in_audio or not self.seen_audio):
+            self._attribute(value)
+
+    def _origin(self, value: str) -> None:
+        bits = value.split()
+        if len(bits) >= 3 and bits[2].isdigit():
+            self.session_id, self.version = bits[1], int(bits[2])
+
+    def _media(self, value: str, line: str) -> None:
+        self.in_audio = False
+        bits = value.split()
+        if len(bits) < 3 or bits[0] != "audio" or self.seen_audio:
+            return
+        if not bits[1].split("/")[0].isdigit():
+            raise ProtocolViolation(f"bad SDP media port in {line!r}")
+        self.port = int(bits[1].split("/")[0])
+        if bits[2] not in ("RTP/AVP", "RTP/AVPF"):
+            raise ProtocolViolation(f"unsupported SDP transport {bits[2]!r}")
+        self.pts = [int(p) for p in bits[3:] if p.isdigit() and int(p) < 128]
+        self.in_audio = self.seen_audio = True
+
+    def _connection(self, value: str, line: str) -> None:
+        bits = value.split()
+        if len(bits) < 3:
+            raise ProtocolViolation(f"bad SDP connection line {line!r}")
+        host = bits[2].split("/")[0]
+        if self.seen_audio and self.in_audio:
+            self.media_host = host
+        elif not self.seen_audio:
+            self.session_host = host
+
+    def _attribute(self, value: str) -> None:
+        name, _, rest = value.partition(":")
+        if name == "rtpmap" and self.in_audio:
+            pt_text, _, enc = rest.partition(" ")
+            enc_bits = enc.split("/")
+            if pt_text.isdigit() and len(enc_bits) >= 2 and enc_bits[1].isdigit():
+                self.rtpmap[int(pt_text)] = (enc_bits[0].upper(), int(enc_bits[1]))
+        elif name == "fmtp" and self.in_audio:
+            pt_text, _, params = rest.partition(" ")
+            if pt_text.isdigit():
+                self.fmtp[int(pt_text)] = params.strip()
+        elif name == "ptime" and rest.strip().isdigit():
+            self.ptime = int(rest.strip())
+        elif name in _DIRECTIONS:
+            self.direction = name
+
+    def offer(self) -> Offer:
+        """The offer the lines describe; raises when the audio port or address is missing."""
+        if self.port is None:
+            raise ProtocolViolation("SDP has no m=audio line")
+        conn = self.media_host or self.session_host
+        if conn is None:
+            raise ProtocolViolation("SDP has no connection address (c=)")
+        formats = []
+        for pt in self.pts:
+            enc, rate = self.rtpmap.get(pt) or _STATIC.get(pt, ("", 0))
+            if enc:
+                formats.append(PayloadFormat(pt, enc, rate, self.fmtp.get(pt, "")))
+        return Offer(conn, self.port, tuple(formats), self.ptime, self.direction,
+                     self.session_id, self.version)  # fmt: skip
 
 
 def answer(offer: Offer, *, codecs: tuple[str, ...] = ("PCMU", "PCMA", "L16")) -> MediaPlan:

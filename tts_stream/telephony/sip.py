@@ -144,6 +144,24 @@ def _split_commas(value: str) -> list[str]:
 
 def parse(data: bytes) -> SipRequest | SipResponse:
     """Parse one datagram; raises :class:`SipParseError` saying what is wrong."""
+    start, header_lines, body = _frame(data)
+    headers = _headers(header_lines)
+    body = _body(headers, body)
+    msg: SipRequest | SipResponse
+    m = _STATUS.match(start)
+    if m:
+        msg = SipResponse(tuple(headers), body, int(m.group(1)), m.group(2))
+    else:
+        parts = start.split(" ")
+        if len(parts) != 3 or parts[2] != SIP_VERSION or not _TOKEN.match(parts[0]):
+            raise SipParseError(f"bad SIP start line {start[:60]!r}")
+        msg = SipRequest(tuple(headers), body, parts[0].upper(), parts[1])
+    _check_required(msg)
+    return msg
+
+
+def _frame(data: bytes) -> tuple[str, list[str], bytes]:
+    """The start line, the header lines and the raw body of a datagram (§7.5)."""
     if len(data) > MAX_MESSAGE:
         raise SipParseError(f"SIP message too long: {len(data)} bytes")
     head, sep, body = data.partition(b"\r\n\r\n")
@@ -160,9 +178,13 @@ def parse(data: bytes) -> SipRequest | SipResponse:
         lines.pop(0)  # §7.5: empty lines before the start line are ignored
     if not lines:
         raise SipParseError("empty SIP message")
-    start = lines[0]
+    return lines[0], lines[1:], body
+
+
+def _headers(lines: list[str]) -> list[tuple[str, str]]:
+    """``(canonical name, value)`` in order, folded continuation lines joined (§7.3.1)."""
     headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
+    for line in lines:
         if line[:1] in (" ", "\t") and headers:  # folded continuation line (§7.3.1)
             name, value = headers[-1]
             headers[-1] = (name, f"{value} {line.strip()}")
@@ -172,30 +194,30 @@ def parse(data: bytes) -> SipRequest | SipResponse:
         if not colon or not _TOKEN.match(name):
             raise SipParseError(f"bad SIP header line {line[:60]!r}")
         headers.append((_canonical(name), value.strip()))
+    return headers
+
+
+def _body(headers: list[tuple[str, str]], body: bytes) -> bytes:
+    """``body`` cut to its Content-Length (§20.14), checked to be all there."""
     length = next((v for k, v in headers if k == "Content-Length"), None)
-    if length is not None:
-        if not length.isdigit():
-            raise SipParseError(f"bad Content-Length {length!r}")
-        if int(length) > len(body):
-            raise SipParseError(f"SIP body truncated: {len(body)} of {length} bytes")
-        body = body[: int(length)]
-    msg: SipRequest | SipResponse
-    m = _STATUS.match(start)
-    if m:
-        msg = SipResponse(tuple(headers), body, int(m.group(1)), m.group(2))
-    else:
-        parts = start.split(" ")
-        if len(parts) != 3 or parts[2] != SIP_VERSION or not _TOKEN.match(parts[0]):
-            raise SipParseError(f"bad SIP start line {start[:60]!r}")
-        msg = SipRequest(tuple(headers), body, parts[0].upper(), parts[1])
-    for required in ("Via", "From", "To", "Call-ID", "CSeq"):  # §8.1.1
+    if length is None:
+        return body
+    if not length.isdigit():
+        raise SipParseError(f"bad Content-Length {length!r}")
+    if int(length) > len(body):
+        raise SipParseError(f"SIP body truncated: {len(body)} of {length} bytes")
+    return body[: int(length)]
+
+
+def _check_required(msg: SipMessage) -> None:
+    """The headers every request and response carries (§8.1.1), each well-formed."""
+    for required in ("Via", "From", "To", "Call-ID", "CSeq"):
         if msg.header(required) is None:
             raise SipParseError(f"SIP message without {required}")
     msg.cseq  # noqa: B018 - validates
     msg.via  # noqa: B018
     NameAddr.parse(msg.header("From") or "")
     NameAddr.parse(msg.header("To") or "")
-    return msg
 
 
 def _params(text: str) -> dict[str, str]:

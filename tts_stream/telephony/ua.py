@@ -300,33 +300,54 @@ class UserAgent:
             return self._ack(req, now)
         if method == "CANCEL":
             return self._cancel(req, addr, now)
-        if method == "INVITE":
+        again = self._retransmission(req)
+        if again is not None:
+            return again
+        dialog, refused = self._dialog_of(req, addr, now)
+        if refused is not None:
+            return refused
+        return self._by_method(req, addr, dialog, now)
+
+    def _retransmission(self, req: SipRequest) -> list[Output] | None:
+        """A request seen before gets its transaction's last response again (§17.2); else None."""
+        if req.method == "INVITE":
             tx = self._invites.get(req.via.branch)
-            if tx is not None:  # retransmission (§17.2.1): the last response again
-                return [Send(tx.last, tx.source)] if tx.last else []
-        else:
-            done = self._done.get((req.via.branch, method))
-            if done is not None:
-                return [Send(done[0], done[1])]
-        to_tag = NameAddr.parse(req.header("To") or "").tag
-        dialog = self._match(req) if to_tag else None
-        if to_tag and dialog is None:
-            return self._reply(req, addr, now, 481, "Call/Transaction Does Not Exist")
-        if dialog is not None:
-            if req.cseq.number <= dialog.remote_cseq:
-                return self._reply(req, addr, now, 500, "Server Internal Error",
-                                   warning="CSeq lower than the last one")  # fmt: skip
-            dialog.remote_cseq = req.cseq.number
+            if tx is None:
+                return None
+            return [Send(tx.last, tx.source)] if tx.last else []
+        done = self._done.get((req.via.branch, req.method))
+        return None if done is None else [Send(done[0], done[1])]
+
+    def _dialog_of(
+        self, req: SipRequest, addr: tuple[str, int], now: float
+    ) -> tuple[_Dialog | None, list[Output] | None]:
+        """The dialog of a request whose To has a tag, its CSeq checked (§12.2.2).
+
+        Returns ``(dialog, None)`` (``dialog`` is None outside a dialog) or ``(None, reply)``
+        when the request is refused: an unknown dialog or a CSeq that did not grow.
+        """
+        if not NameAddr.parse(req.header("To") or "").tag:
+            return None, None
+        dialog = self._match(req)
+        if dialog is None:
+            return None, self._reply(req, addr, now, 481, "Call/Transaction Does Not Exist")
+        if req.cseq.number <= dialog.remote_cseq:
+            return None, self._reply(req, addr, now, 500, "Server Internal Error",
+                                     warning="CSeq lower than the last one")  # fmt: skip
+        dialog.remote_cseq = req.cseq.number
+        return dialog, None
+
+    def _by_method(
+        self, req: SipRequest, addr: tuple[str, int], dialog: _Dialog | None, now: float
+    ) -> list[Output]:
+        """A new request (not ACK or CANCEL, not a retransmission), by its method."""
+        method = req.method
         if method == "INVITE":
-            if dialog is not None:
-                return self._reinvite(req, addr, dialog, now)
-            return self._invite(req, addr, now)
-        if method == "BYE":
             if dialog is None:
-                return self._reply(req, addr, now, 481, "Call/Transaction Does Not Exist")
-            out = self._reply(req, addr, now, 200, "OK")
-            out += self._end(dialog, "bye")
-            return out
+                return self._invite(req, addr, now)
+            return self._reinvite(req, addr, dialog, now)
+        if method == "BYE":
+            return self._their_bye(req, addr, dialog, now)
         if method == "OPTIONS":
             return self._reply(req, addr, now, 200, "OK", headers=(
                 ("Allow", ALLOW), ("Accept", "application/sdp"),
@@ -336,6 +357,14 @@ class UserAgent:
             return self._reply(req, addr, now, 405, "Method Not Allowed",
                                headers=(("Allow", ALLOW),))  # fmt: skip
         return self._reply(req, addr, now, 501, "Not Implemented", headers=(("Allow", ALLOW),))
+
+    def _their_bye(
+        self, req: SipRequest, addr: tuple[str, int], dialog: _Dialog | None, now: float
+    ) -> list[Output]:
+        """BYE ends the dialog it names (§15.1.2); outside a dialog it is 481."""
+        if dialog is None:
+            return self._reply(req, addr, now, 481, "Call/Transaction Does Not Exist")
+        return self._reply(req, addr, now, 200, "OK") + self._end(dialog, "bye")
 
     def _invite(self, req: SipRequest, addr: tuple[str, int], now: float) -> list[Output]:
         call_id = req.call_id
