@@ -144,7 +144,7 @@ def lateness_ms(writes: list[tuple[float, int, int]], rate: int) -> list[float]:
 # --- worker (one (N, loop) point, its own process) -----------------------------------------------
 
 
-async def _one(engine: Engine, voice: Voice, text: str, delay: float, sink_kind: str,
+async def _one(engine: Engine, voice: Voice, text: str, delay: float, *, sink_kind: str,
                limit_s: float, timing: TimingSink) -> dict[str, Any]:  # fmt: skip
     await asyncio.sleep(delay)  # the ramp: start times spread over --ramp-s
     rec: dict[str, Any] = {"kind": "utterance", "started": time.monotonic()}
@@ -325,8 +325,8 @@ async def _window(
         async with asyncio.TaskGroup() as tg:
             sampling = tg.create_task(sampler.run())
             async with asyncio.TaskGroup() as utterances:
-                tasks = [utterances.create_task(_one(engine, voice, text, d, args.sink,
-                                                     timeout, sink))
+                tasks = [utterances.create_task(_one(engine, voice, text, d, sink_kind=args.sink,
+                                                     limit_s=timeout, timing=sink))
                          for d, sink in zip(delays, timings, strict=True)]  # fmt: skip
             sampler.stop.set()
         await sampling
@@ -497,7 +497,7 @@ async def _enroll(srv: ServerProcess) -> str:
         return voice.name
 
 
-def _run_point(srv: ServerProcess, voice: str, n: int, loop: str,
+def _run_point(srv: ServerProcess, voice: str, n: int, loop: str, *,
                args: argparse.Namespace, utter_path: Path) -> dict[str, Any]:  # fmt: skip
     argv = [
         sys.executable, "-m", "bench.concurrency", "--worker", "--n", str(n), "--loop", loop,
@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in levels:
             for loop in loops:
                 t = time.monotonic()
-                point = _run_point(srv, voice, n, loop, args, utter_path)
+                point = _run_point(srv, voice, n, loop, args=args, utter_path=utter_path)
                 point["point_wall_s"] = time.monotonic() - t
                 point["server_rss_kb"] = srv.rss_kb()
                 jl.write(point)

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in MODES:
                 point_args.exporters = mode
                 load = uptime()
-                p = _run_point(srv, voice, args.n, args.loop, point_args, utter)
+                p = _run_point(srv, voice, args.n, args.loop, args=point_args, utter_path=utter)
                 p.update(repeat=rep, exporters=mode, uptime=load)
                 jl.write(p)
                 points.append(p)

@@ -257,7 +257,7 @@ async def run_turns(
         await engine.prewarm(voice, 1)
         for i in range(args.warmup + args.n):
             for gap_ms in args.turns:
-                recs = await _turn_round(args, srv, engine, voice, gap_ms, gcp)
+                recs = await _turn_round(args, srv, engine, voice, gap_ms=gap_ms, gcp=gcp)
                 for rec in recs:
                     rec.update(i=i, warmup=i < args.warmup, gap_ms=gap_ms)
                 records.extend(recs)
@@ -266,7 +266,7 @@ async def run_turns(
 
 
 async def _turn_round(
-    args: argparse.Namespace, srv: ServerProcess, engine: Engine, voice: Voice,
+    args: argparse.Namespace, srv: ServerProcess, engine: Engine, voice: Voice, *,
     gap_ms: float, gcp: GcPauses,
 ) -> list[dict[str, Any]]:  # fmt: skip
     await engine.prewarm(voice, 1)  # untimed: the lead turn starts from a ready spare

@@ -123,15 +123,6 @@ MAX_FUNCTION_LINES = 60
 #: per-file-ignores of pyproject.toml, plus demo.py and enrollment.py, which i10facts
 #: splits). Each goes when its branch is merged; then this is empty.
 LONG_FUNCTIONS_UNTIL_MERGED = frozenset({
-    "tts_stream/speech.py", "tts_stream/ledger.py",  # i10speech
-    "tts_stream/connection.py", "tts_stream/protocol.py", "tts_stream/fanout.py",
-    "tts_stream/metrics.py", "tts_stream/channel.py",  # i10path
-    "tts_stream/server/realtime.py", "tts_stream/server/__init__.py",
-    "tts_stream/server/app.py",  # i10server
-    "sinks/soundcard.py", "tts_stream/demo.py", "tts_stream/enrollment.py",  # i10facts
-    "tts_stream/pool.py", "tts_stream/engine.py",  # i11warm
-    "sinks/rtp.py", "sinks/rtp_clock.py", "tts_stream/telephony/media.py",
-    "tts_stream/telephony/agent.py",  # i13rtp
     "tts_stream/server/synth.py", "tts_stream/server/likeness.py", "tts_stream/server/voices.py",
     "tts_stream/server/piper.py",  # i14like
 })  # fmt: skip
