@@ -31,6 +31,7 @@ from tts_stream.server.synth import (
 )
 
 from .conftest import Enroll
+from .speakers import piper_sample_wav
 
 TEXT = (
     "Hello there. This is a streaming test of the local server, with several clauses. "
@@ -134,7 +135,7 @@ async def test_first_chunk_comes_before_the_rest_is_synthesized(piper: PiperSynt
     """The first piece is yielded before later pieces run: the consumer sees the first chunk
     while most of the text is still unsynthesized (ordering, not timing)."""
     stream = piper.stream(TEXT, sample_rate=24000, language="English", profile=VoiceProfile())
-    async with aclosing(stream):
+    async with aclosing(stream):  # type: ignore[type-var]
         first = await asyncio.wait_for(anext(stream), WAIT)
         assert first.size > 0
         assert piper.active == 1  # still inside the stream, later pieces pending
@@ -156,7 +157,6 @@ async def test_other_languages_go_to_espeak(piper: PiperSynthesizer) -> None:
     assert abs(as_english.size - as_german.size) > 0.02 * as_german.size
 
 
-
 async def test_concurrent_streams_interleave(piper: PiperSynthesizer) -> None:
     """Three sessions at once: each gets its first audio before any of them finishes."""
     firsts: list[float] = []
@@ -164,7 +164,7 @@ async def test_concurrent_streams_interleave(piper: PiperSynthesizer) -> None:
 
     async def one() -> None:
         stream = piper.stream(TEXT, sample_rate=24000, language="English", profile=VoiceProfile())
-        async with aclosing(stream):
+        async with aclosing(stream):  # type: ignore[type-var]
             await anext(stream)
             firsts.append(time.monotonic())
             async for _ in stream:
@@ -181,7 +181,7 @@ async def test_concurrent_streams_interleave(piper: PiperSynthesizer) -> None:
 async def test_over_capacity_raises_before_audio() -> None:
     synth = PiperSynthesizer(max_streams=1)
     busy = synth.stream(TEXT, sample_rate=24000, language="English", profile=VoiceProfile())
-    async with aclosing(busy):
+    async with aclosing(busy):  # type: ignore[type-var]
         await asyncio.wait_for(anext(busy), WAIT)
         with pytest.raises(SynthesisBusy, match="capacity"):
             await collect(synth, "One more.")
@@ -198,7 +198,8 @@ async def test_engine_speaks_with_piper_and_gets_a_clear_error_over_capacity(
 ) -> None:
     synth = PiperSynthesizer(max_streams=1)
     async with LocalServer(port=0, synthesizer=synth, pacing="realtime") as srv:
-        voice = await enroll(srv)
+        # A piper-family sample: its base voice is piper (an espeak-made one speaks espeak).
+        voice = await enroll(srv, wav=piper_sample_wav())
         async with Engine(base_url=srv.base_url, api_key=srv.api_key) as engine:
             first = ArraySink()
             long_text = TEXT + " " + TEXT

@@ -243,7 +243,8 @@ class VoiceEncoder:
             x = out
         w, b = self._linear
         raw = np.maximum(0, h @ w.T + b)
-        return raw / np.linalg.norm(raw, axis=1, keepdims=True)
+        normed: F32 = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+        return normed
 
     def embed(self, wav: npt.NDArray[Any], sample_rate: int, *, rate: float = 1.3,
               min_coverage: float = 0.75) -> F32:  # fmt: skip
