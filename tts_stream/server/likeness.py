@@ -14,8 +14,8 @@ measured once, on its output for a calibration text (:func:`measure_backend`).
 
 What it is not: the cloud's voice cloning. It keeps the base voice's accent, rhythm and
 voice quality and matches only coarse cues (which of a few base voices, pitch level, pitch
-range, vocal-tract length, spectral tilt). Cost: ≈0.06 s of CPU per second of audio for
-Change gender, ≈1 ms for the tilt, paid per piece, so a short first piece keeps first
+range, vocal-tract length, spectral tilt). Cost: ≈18 ms of CPU per second of audio for
+Change gender, 2–4 ms for the tilt, paid per piece, so a short first piece keeps first
 audio low; a transform with nothing audible to change is skipped.
 
 Boundary: pure numpy in, numpy out (no asyncio, no clock); parselmouth (GPL-3, like the rest

@@ -20,7 +20,7 @@ Likeness: when the session's voice has speaker features (measured at enrollment)
 English base voice is the one nearest the sample's timbre (:func:`base_voice`): piper, or an
 espeak variant, in which case the espeak backend speaks it. With piper every piece goes
 through :class:`~tts_stream.server.likeness.Likeness` (Praat's Change gender toward the
-speaker's pitch and formants, then the tilt correction) in the same worker job, ≈0.06 s of
+speaker's pitch and formants, then the tilt correction) in the same worker job, ≈20 ms of
 CPU per second of audio.
 
 Capacity: at most ``max_streams`` English responses synthesize at once. One more raises
