@@ -146,10 +146,6 @@ def test_tilt_correction_recovers_a_tilt_and_identity_is_skipped() -> None:
     assert np.abs(timbre_correction(base, base, 1.0)).max() < 1e-6
     same = Likeness.toward(base, BackendVoice("self", base))
     assert same.is_identity and same.apply(pcm, RATE) is pcm
-    # A tilt is corrected as a tilt, not mistaken for a vocal-tract shift.
-    assert formant_ratio(tilted, base) == pytest.approx(1.0, abs=0.021)
-    toward_tilted = Likeness.toward(tilted, BackendVoice("self", base))
-    assert np.polyfit(octaves, toward_tilted.eq_db, 1)[0] == pytest.approx(4.0, abs=0.5)
 
 
 def _assert_closest(results: list[Result]) -> None:

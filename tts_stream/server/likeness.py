@@ -224,14 +224,11 @@ def _warped(speaker: SpeakerFeatures, backend: SpeakerFeatures, ratio: float
 
 def formant_ratio(speaker: SpeakerFeatures, backend: SpeakerFeatures) -> float:
     """The frequency scale that best maps the backend's envelope onto the speaker's: the
-    shift on the log-frequency grid minimising the squared difference once its level and
-    tilt are removed (a tilt is the :func:`timbre_correction`'s to fix, not a shift)."""
-    octaves = np.log2(ENVELOPE_HZ)[_FIT]
+    shift on the log-frequency grid minimising the mean-removed squared difference."""
     best, best_err = 1.0, math.inf
     for ratio in np.arange(_FORMANT_RATIO[0], _FORMANT_RATIO[1] + 1e-9, 0.01):
         diff = _warped(speaker, backend, float(ratio))[_FIT]
-        residual = diff - np.polyval(np.polyfit(octaves, diff, 1), octaves)
-        err = float(np.mean(residual**2))
+        err = float(np.mean((diff - diff.mean()) ** 2))
         if err < best_err:
             best, best_err = float(ratio), err
     return best
