@@ -33,8 +33,8 @@ from tts_stream.testing.speakers import ESPEAK_SPEAKERS, PIPER_SPEAKERS, Result,
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETS: dict[str, tuple[str, list[str]]] = {
-    "piper family, piper backend": ("piper", list(PIPER_SPEAKERS)),
     "espeak family, espeak backend": ("espeak", list(ESPEAK_SPEAKERS)),
+    "piper family, piper backend": ("piper", list(PIPER_SPEAKERS)),
     "all 12, piper backend": ("piper", [*PIPER_SPEAKERS, *ESPEAK_SPEAKERS]),
 }
 
@@ -67,8 +67,20 @@ def table(rows: list[tuple[str, str, Result]], env: dict[str, Any]) -> str:
             out.append(f"| {r.speaker} | {r.own_untransformed:.3f} | {r.own:.3f} | "
                        f"{r.gain:+.3f} | {r.best_other_name} {r.best_other:.3f} | "
                        f"{'yes' if r.closest_is_own else 'no'} |")  # fmt: skip
-        out.append("")
+        out += ["", *_matrix(part), ""]
     return "\n".join(out)
+
+
+def _matrix(part: list[Result]) -> list[str]:
+    """cos(each voice's output, each sample): rows voices, columns samples (short names)."""
+    short = [r.speaker.replace("espeak_", "e_").replace("piper_", "p_") for r in part]
+    out = ["| voice \\ sample | " + " | ".join(short) + " |",
+           "|---|" + "---:|" * len(part)]  # fmt: skip
+    for name, r in zip(short, part, strict=True):
+        cells = [f"**{v:.3f}**" if j == i else f"{v:.3f}"
+                 for i in [short.index(name)] for j, v in enumerate(r.row)]  # fmt: skip
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
 
 
 def main() -> int:

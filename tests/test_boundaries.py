@@ -119,14 +119,6 @@ def test_the_core_is_pure(name: str) -> None:
 
 MAX_FUNCTION_LINES = 60
 
-#: Temporary: files other branches were rewriting when the length check landed (the
-#: per-file-ignores of pyproject.toml, plus demo.py and enrollment.py, which i10facts
-#: splits). Each goes when its branch is merged; then this is empty.
-LONG_FUNCTIONS_UNTIL_MERGED = frozenset({
-    "tts_stream/server/synth.py", "tts_stream/server/likeness.py", "tts_stream/server/voices.py",
-    "tts_stream/server/piper.py",  # i14like
-})  # fmt: skip
-
 
 def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int, int]]:
     """``(name, first line, lines)`` of every function or method longer than ``limit`` lines,
@@ -157,6 +149,4 @@ def test_the_length_check_counts_lines_from_def_to_end() -> None:
     "path", [*modules("tts_stream"), *modules("sinks")], ids=lambda p: str(p.relative_to(ROOT))
 )
 def test_no_function_is_longer_than_the_limit(path: Path) -> None:
-    if path.relative_to(ROOT).as_posix() in LONG_FUNCTIONS_UNTIL_MERGED:
-        return
     assert long_functions(path.read_text(encoding="utf-8")) == []

@@ -23,6 +23,7 @@ from sinks import ArraySink
 from tts_stream import Engine
 from tts_stream.messages import VC_MODELS
 from tts_stream.server import LocalServer
+from tts_stream.testing.speakers import piper_sample_wav
 
 from .conftest import Enroll
 from .test_server_sdk import TIMEOUT, Recorder
@@ -97,7 +98,7 @@ async def wait_until(predicate: Any, what: str, within: float = 10.0) -> None:
 @pytest.mark.parametrize("cancel", ["error", "truncate"])
 async def test_engine_barge_in_silences_and_closes(enroll: Enroll, cancel: str) -> None:
     async with LocalServer(backend="piper", pacing="realtime", cancel=cancel) as srv:  # type: ignore[arg-type]
-        voice = await enroll(srv)
+        voice = await enroll(srv, wav=piper_sample_wav())  # speaks with piper
         async with Engine(base_url=srv.base_url, api_key=srv.api_key, pool_size=0) as engine:
             sink = ArraySink(max_blocks=4096)
             async with asyncio.timeout(TIMEOUT), engine.speak(

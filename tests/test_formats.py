@@ -28,6 +28,7 @@ from tts_stream.messages import VC_MODELS
 from tts_stream.server import LocalServer
 from tts_stream.server.encode import make_encoder
 from tts_stream.server.synth import synthesize
+from tts_stream.testing.speakers import piper_sample_wav
 
 from .conftest import Enroll
 from .test_server_realtime import configure, send, session, until
@@ -210,7 +211,7 @@ async def test_each_response_is_its_own_stream(server: LocalServer, voice: str) 
 async def test_piper_speaks_every_format(enroll: Enroll) -> None:
     """A real voice through each codec: the decoded audio is as long as the pcm one."""
     async with LocalServer(port=0, backend="piper") as srv:
-        voice = await enroll(srv)
+        voice = await enroll(srv, wav=piper_sample_wav())  # speaks with piper
         lengths = {}
         for fmt in ("pcm", *FORMATS):
             stream = await raw_stream(srv, voice, TEXT, response_format=fmt)

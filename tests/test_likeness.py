@@ -4,9 +4,16 @@
   check against the torch reference is in bench/README.md) and separates voices.
 * server/likeness.py: features survive JSON, the formant ratio recovers a known vocal-tract
   scale, the transform moves pitch where it is told.
-* The goal, end to end on the piper backend with 6 sample speakers (tts_stream/testing/speakers.py):
-  each synthesized voice is closer to its own sample than to any other, and the transform
-  raises similarity to the own sample by at least 0.1 over the untransformed backend.
+* The base voice is chosen by timbre: every espeak speaker gets its own variant, every
+  piper-family speaker piper; the tilt correction recovers a known tilt; a transform with
+  nothing to change is skipped.
+* The goal, end to end (tts_stream/testing/speakers.py): on the 12 mixed speakers with the piper
+  backend each synthesized voice is closer to its own sample than to any other, and the
+  transform raises similarity to the own sample by at least 0.1 over the untransformed
+  backend; on the 6 espeak speakers with the espeak backend each is closest to its own
+  sample (the gain there is not met for the two male speakers, whose untransformed
+  similarity already exceeds 0.9: bench/README.md). Margins, not retries, absorb the
+  few-sample differences soxr's dither makes between runs.
 """
 
 from __future__ import annotations
@@ -18,17 +25,29 @@ import pytest
 
 from tts_stream.server import LocalServer
 from tts_stream.server.likeness import (
+    ENVELOPE_HZ,
+    BackendVoice,
     Likeness,
     SpeakerFeatures,
+    equalize,
     extract_features,
     formant_ratio,
     measure_backend,
     sample_features,
+    timbre_correction,
 )
-from tts_stream.server.piper import PIPER_SAMPLE_RATE, synthesize_piper
+from tts_stream.server.piper import PIPER_SAMPLE_RATE, base_voice, synthesize_piper
+from tts_stream.server.synth import VoiceProfile, espeak_variant
 from tts_stream.server.voices import VoiceStore
 from tts_stream.testing.samplegen import good_sample_wav, speech, wav_bytes
-from tts_stream.testing.speakers import PIPER_SPEAKERS, RATE, measure, sample
+from tts_stream.testing.speakers import (
+    ESPEAK_SPEAKERS,
+    PIPER_SPEAKERS,
+    RATE,
+    Result,
+    measure,
+    sample,
+)
 from tts_stream.testing.voice_encoder import VoiceEncoder, cosine, load_weights
 
 
@@ -103,11 +122,58 @@ def test_enrollment_stores_features(tmp_path: object) -> None:
     assert sample_features(wav_bytes(np.zeros(RATE * 12, np.int16), RATE)) is None
 
 
-async def test_each_voice_is_closest_to_its_own_speaker_and_the_transform_helps() -> None:
-    """The likeness goal (README, bench/likeness.py) on six piper-family speakers."""
-    async with asyncio.timeout(240), LocalServer(backend="piper") as srv:
-        results = await measure(srv, "piper", list(PIPER_SPEAKERS))
-    assert len(results) == 6
+def _profile(name: str) -> VoiceProfile:
+    features = extract_features(sample(name), RATE)
+    assert features is not None
+    return VoiceProfile(pitch_hz=features.f0_median_hz, features=features)
+
+
+def test_base_voice_is_chosen_by_timbre() -> None:
+    for name, (voice, _) in ESPEAK_SPEAKERS.items():
+        profile = _profile(name)
+        assert espeak_variant(profile) == voice[len("en-us") :], name
+        assert base_voice(profile) == "espeak", name
+    for name in PIPER_SPEAKERS:
+        assert base_voice(_profile(name)) == "piper", name
+    no_timbre = VoiceProfile(pitch_hz=200.0, features=SpeakerFeatures(200.0, 180.0, 240.0, ()))
+    assert espeak_variant(no_timbre) == "+f2" and base_voice(no_timbre) == "piper"
+
+
+def test_tilt_correction_recovers_a_tilt_and_identity_is_skipped() -> None:
+    pcm = sample("piper_x1.25")
+    base = extract_features(pcm, RATE)
+    assert base is not None
+    octaves = np.log2(ENVELOPE_HZ)
+    tilt = 4.0 * (octaves - octaves.mean())  # +4 dB per octave
+    tilted = extract_features(equalize(pcm, RATE, tuple(tilt)), RATE)
+    assert tilted is not None
+    slope = np.polyfit(octaves, timbre_correction(tilted, base, 1.0), 1)[0]
+    assert slope == pytest.approx(4.0, abs=0.5)
+    assert np.abs(timbre_correction(base, base, 1.0)).max() < 1e-6
+    same = Likeness.toward(base, BackendVoice("self", base))
+    assert same.is_identity and same.apply(pcm, RATE) is pcm
+
+
+def _assert_closest(results: list[Result]) -> None:
     for r in results:
-        assert r.closest_is_own, r
+        # Margin: the runs differ by soxr's dither and piper's voice noise (≈0.005 here).
+        assert r.own > r.best_other + 0.005, r
+
+
+async def test_each_voice_is_closest_to_its_own_speaker_and_the_transform_helps() -> None:
+    """The likeness goal (README, bench/likeness.py) on the 12 mixed speakers, piper backend."""
+    speakers = [*PIPER_SPEAKERS, *ESPEAK_SPEAKERS]
+    async with asyncio.timeout(1500), LocalServer(backend="piper") as srv:
+        results = await measure(srv, "piper", speakers)
+    assert [r.speaker for r in results] == speakers
+    _assert_closest(results)
+    for r in results:
         assert r.gain >= 0.1, r
+
+
+async def test_each_espeak_voice_is_closest_to_its_own_speaker() -> None:
+    """The first half of the goal on the 6 espeak speakers with the espeak backend."""
+    async with asyncio.timeout(900), LocalServer(backend="espeak") as srv:
+        results = await measure(srv, "espeak", list(ESPEAK_SPEAKERS))
+    assert len(results) == 6
+    _assert_closest(results)

@@ -29,6 +29,7 @@ from tts_stream.server.synth import (
     default_backend,
     make_synthesizer,
 )
+from tts_stream.testing.speakers import piper_sample_wav
 
 from .conftest import Enroll
 
@@ -158,7 +159,6 @@ async def test_other_languages_go_to_espeak(piper: PiperSynthesizer) -> None:
     assert abs(as_english.size - as_german.size) > 0.02 * as_german.size
 
 
-
 async def test_concurrent_streams_interleave(piper: PiperSynthesizer) -> None:
     """Three sessions at once: each gets its first audio before any of them finishes."""
     firsts: list[float] = []
@@ -200,7 +200,8 @@ async def test_engine_speaks_with_piper_and_gets_a_clear_error_over_capacity(
 ) -> None:
     synth = PiperSynthesizer(max_streams=1)
     async with LocalServer(port=0, synthesizer=synth, pacing="realtime") as srv:
-        voice = await enroll(srv)
+        # A piper-family sample: its base voice is piper (an espeak-made one speaks espeak).
+        voice = await enroll(srv, wav=piper_sample_wav())
         async with Engine(base_url=srv.base_url, api_key=srv.api_key) as engine:
             first = ArraySink()
             long_text = TEXT + " " + TEXT

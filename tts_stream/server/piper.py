@@ -16,10 +16,12 @@ sessions interleave piece by piece), every ONNX run limited to ``threads_per_run
 threads so that N sessions share the cores instead of fighting over them. Output (22050 Hz)
 goes through a stateful ``soxr.ResampleStream`` to the session's rate.
 
-Likeness: when the session's voice has speaker features (measured at enrollment), every
-piece goes through :class:`~tts_stream.server.likeness.Likeness` (Praat's Change gender
-toward the speaker's pitch and formants) in the same worker job, ≈0.06 s of CPU per second
-of audio.
+Likeness: when the session's voice has speaker features (measured at enrollment), the
+English base voice is the one nearest the sample's timbre (:func:`base_voice`): piper, or an
+espeak variant, in which case the espeak backend speaks it. With piper every piece goes
+through :class:`~tts_stream.server.likeness.Likeness` (Praat's Change gender toward the
+speaker's pitch and formants, then the tilt correction) in the same worker job, ≈20 ms of
+CPU per second of audio.
 
 Capacity: at most ``max_streams`` English responses synthesize at once. One more raises
 :class:`SynthesisBusy` before any audio, which the realtime endpoint turns into an ``error``
@@ -32,12 +34,13 @@ installed by the ``server`` extra.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
@@ -47,7 +50,7 @@ import soxr
 from tts_stream.audio import PCM16
 from tts_stream.errors import MissingDependency, UsageError
 
-from .likeness import BackendVoice, Likeness, measure_backend
+from .likeness import BackendVoice, Likeness, measure_backend, nearest_voice
 from .synth import (
     CHUNK_MS,
     EspeakSynthesizer,
@@ -55,6 +58,7 @@ from .synth import (
     SynthesisError,
     VoiceProfile,
     check_rate,
+    espeak_timbres,
     espeak_voice,
     split_clauses,
 )
@@ -62,6 +66,7 @@ from .synth import (
 __all__ = [
     "PIPER_SAMPLE_RATE",
     "PiperSynthesizer",
+    "base_voice",
     "plan_pieces",
     "route",
     "synthesize_piper",
@@ -193,6 +198,17 @@ def synthesize_piper(text: str, *, length_scale: float = 1.0) -> PCM16:
         engine.synth(piece, length_scale=length_scale) for piece in plan_pieces(text)])  # fmt: skip
 
 
+def base_voice(profile: VoiceProfile, threads_per_run: int = 1) -> str:
+    """``"piper"`` or ``"espeak"``: the English base voice nearest in timbre to the enrolled
+    sample (piper at the formant scales the transform reaches, or any espeak variant);
+    piper when the profile has no timbre descriptor."""
+    if profile.features is None:
+        return "piper"
+    voices = {**espeak_timbres(), "piper": _backend_voice(threads_per_run).timbres}
+    chosen = nearest_voice(profile.features, voices)
+    return "piper" if chosen in (None, "piper") else "espeak"
+
+
 def _speak(engine: _Piper, text: str, length_scale: float, likeness: Likeness | None) -> PCM16:
     """One job on a worker thread: synthesize a piece, then move it toward the speaker."""
     pcm = engine.synth(text, length_scale=length_scale)
@@ -244,7 +260,12 @@ class PiperSynthesizer:
     ) -> AsyncIterator[PCM16]:
         """Yield ≤ 100 ms int16 chunks at ``sample_rate``; the first after the first piece."""
         check_rate(sample_rate)
-        if route(language, text) != "piper":
+        loop = asyncio.get_running_loop()
+        if route(language, text) != "piper" or (
+            profile.features is not None
+            and await loop.run_in_executor(self._pool(), base_voice, profile, self._threads)
+            == "espeak"
+        ):
             async for chunk in self._espeak.stream(
                 text, sample_rate=sample_rate, language=language, profile=profile
             ):
@@ -260,25 +281,33 @@ class PiperSynthesizer:
             )
         self.active += 1
         try:
-            engine = await asyncio.to_thread(_load, self._threads)
-            loop = asyncio.get_running_loop()
-            resampler = (
-                None
-                if sample_rate == PIPER_SAMPLE_RATE
-                else soxr.ResampleStream(PIPER_SAMPLE_RATE, sample_rate, 1, dtype="int16")
-            )
-            step = sample_rate * CHUNK_MS // 1000
-            length_scale = 1.0 / profile.speech_rate
-            likeness = None
-            if profile.features is not None:
-                backend = await loop.run_in_executor(self._pool(), _backend_voice, self._threads)
-                likeness = Likeness.toward(profile.features, backend, pitch_hz=profile.pitch_hz)
-            for i, piece in enumerate(pieces):
-                job = functools.partial(_speak, engine, piece, length_scale, likeness)
-                pcm: PCM16 = await loop.run_in_executor(self._pool(), job)
-                if resampler is not None:
-                    pcm = resampler.resample_chunk(pcm, last=i == len(pieces) - 1)
-                for start in range(0, pcm.size, step):
-                    yield pcm[start : start + step]
+            async with contextlib.aclosing(self._stream_pieces(pieces, sample_rate, profile)) as it:
+                async for chunk in it:
+                    yield chunk
         finally:
             self.active -= 1
+
+    async def _stream_pieces(
+        self, pieces: list[str], sample_rate: int, profile: VoiceProfile
+    ) -> AsyncGenerator[PCM16, None]:
+        """Synthesize the pieces one worker job each, resampled to ``sample_rate``."""
+        engine = await asyncio.to_thread(_load, self._threads)
+        loop = asyncio.get_running_loop()
+        resampler = (
+            None
+            if sample_rate == PIPER_SAMPLE_RATE
+            else soxr.ResampleStream(PIPER_SAMPLE_RATE, sample_rate, 1, dtype="int16")
+        )
+        step = sample_rate * CHUNK_MS // 1000
+        length_scale = 1.0 / profile.speech_rate
+        likeness = None
+        if profile.features is not None:
+            backend = await loop.run_in_executor(self._pool(), _backend_voice, self._threads)
+            likeness = Likeness.toward(profile.features, backend, pitch_hz=profile.pitch_hz)
+        for i, piece in enumerate(pieces):
+            job = functools.partial(_speak, engine, piece, length_scale, likeness)
+            pcm: PCM16 = await loop.run_in_executor(self._pool(), job)
+            if resampler is not None:
+                pcm = resampler.resample_chunk(pcm, last=i == len(pieces) - 1)
+            for start in range(0, pcm.size, step):
+                yield pcm[start : start + step]

@@ -11,9 +11,11 @@ events here, only text in and PCM out.
   for one clause (a few ms): asyncio sessions queue their clauses, one job each, on a single
   espeak worker thread, so concurrent sessions interleave clause by clause instead of waiting
   for each other's whole utterance. Output (22050 Hz) is resampled with a stateful
-  ``soxr.ResampleStream``. A :class:`VoiceProfile` (the enrollment sample's median F0) picks a
-  gender variant and a calibrated pitch parameter (feasibility §2), so different speakers sound
-  different.
+  ``soxr.ResampleStream``. A :class:`VoiceProfile` picks the variant nearest in timbre to the
+  enrollment sample (:data:`ESPEAK_VARIANTS`; by median F0 alone for voices without a timbre
+  descriptor) and a pitch parameter calibrated per variant (feasibility §2); each clause then
+  goes through the likeness transform toward the speaker (``likeness.py``) unless it has
+  nothing audible to change.
 * ``tone``: a deterministic harmonic tone with a syllable-rate envelope, ~60 ms per character,
   for benchmarking the engine itself at negligible cost.
 
@@ -45,11 +47,19 @@ import soxr
 from tts_stream.audio import PCM16
 from tts_stream.errors import MissingDependency, TtsStreamError, UsageError
 
-from .likeness import SpeakerFeatures
+from .likeness import (
+    BackendVoice,
+    Likeness,
+    SpeakerFeatures,
+    measure_backend,
+    nearest_voice,
+    timbre_descriptor,
+)
 
 __all__ = [
     "BACKENDS",
     "ESPEAK_SAMPLE_RATE",
+    "ESPEAK_VARIANTS",
     "EspeakSynthesizer",
     "SynthesisBusy",
     "SynthesisError",
@@ -58,6 +68,8 @@ __all__ = [
     "VoiceProfile",
     "check_rate",
     "default_backend",
+    "espeak_timbres",
+    "espeak_variant",
     "espeak_voice",
     "guess_language",
     "make_synthesizer",
@@ -95,6 +107,12 @@ _MALE_VARIANT: Final = "+m3"
 _CALIBRATION_TEXT: Final = "The quick brown fox jumps over the lazy dog, and then it runs away."
 # Pitch 0 is left out: its F0 falls below the 60 Hz floor of the pitch tracker.
 _CALIBRATION_PITCHES: Final = (10, 25, 40, 55, 70, 85, 100)
+ESPEAK_VARIANTS: Final = tuple(
+    f"+{v}" for v in ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
+                      "klatt", "klatt2", "klatt3", "klatt4")
+)  # fmt: skip
+"""The espeak voice variants a speaker's base voice is chosen from (by timbre)."""
+_TIMBRE_PITCHES: Final = (20, 50, 80)
 
 
 class SynthesisError(TtsStreamError):
@@ -357,16 +375,70 @@ def _calibration(variant: str) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.
     return np.asarray(hz), np.asarray(params)
 
 
+@functools.cache
+def espeak_timbres() -> dict[str, tuple[tuple[float, ...], ...]]:
+    """Timbre descriptors of every :data:`ESPEAK_VARIANTS` variant reading the calibration
+    text at three pitches (≈1.3 s of CPU once per process), for
+    :func:`~tts_stream.server.likeness.nearest_voice`."""
+    engine = _engine()
+    return {
+        variant: tuple(
+            timbre_descriptor(
+                engine.synth(_CALIBRATION_TEXT, voice="en-us" + variant, pitch=p),
+                ESPEAK_SAMPLE_RATE,
+            )  # fmt: skip
+            for p in _TIMBRE_PITCHES
+        )
+        for variant in ESPEAK_VARIANTS
+    }
+
+
+def espeak_variant(profile: VoiceProfile) -> str:
+    """The variant speaking for a profile: the nearest in timbre to the enrolled sample
+    when its features have a timbre descriptor, else by pitch (female above 165 Hz)."""
+    if profile.features is not None:
+        chosen = nearest_voice(profile.features, espeak_timbres())
+        if chosen is not None:
+            return chosen
+    female = profile.pitch_hz is not None and profile.pitch_hz > _FEMALE_ABOVE_HZ
+    return _FEMALE_VARIANT if female else _MALE_VARIANT
+
+
 def _voice_params(base_voice: str, profile: VoiceProfile) -> tuple[str, int]:
-    """espeak voice name (with gender variant) and pitch parameter for a profile."""
+    """espeak voice name (with variant) and pitch parameter for a profile."""
     if profile.pitch_hz is None:
         return base_voice, _DEFAULT_PITCH
-    variant = _FEMALE_VARIANT if profile.pitch_hz > _FEMALE_ABOVE_HZ else _MALE_VARIANT
+    variant = espeak_variant(profile)
     hz, params = _calibration(variant)
     if hz.size < 2:
         return base_voice + variant, _DEFAULT_PITCH
     pitch = float(np.interp(profile.pitch_hz, hz, params))
     return base_voice + variant, int(round(pitch))
+
+
+@functools.lru_cache(maxsize=64)
+def _espeak_voice_figures(variant: str, pitch: int) -> BackendVoice:
+    """An English espeak voice's own pitch and envelope at one pitch parameter (≈0.1 s)."""
+    pcm = _engine().synth(_CALIBRATION_TEXT, voice="en-us" + variant, pitch=pitch)
+    return measure_backend(f"espeak{variant}@{pitch}", pcm, ESPEAK_SAMPLE_RATE, ratios=())
+
+
+def _voice_setup(base_voice: str, profile: VoiceProfile) -> tuple[str, int, Likeness | None]:
+    """Voice, pitch parameter and the likeness transform (None: nothing to change) for a
+    profile; on the espeak worker thread (it may calibrate)."""
+    voice, pitch = _voice_params(base_voice, profile)
+    if profile.features is None or profile.pitch_hz is None:
+        return voice, pitch, None
+    figures = _espeak_voice_figures(voice[len(base_voice) :], pitch)
+    likeness = Likeness.toward(profile.features, figures, pitch_hz=profile.pitch_hz)
+    return voice, pitch, None if likeness.is_identity else likeness
+
+
+def _speak_clause(engine: _Espeak, clause: str, voice: str, *, pitch: int, rate_wpm: int,
+                  likeness: Likeness | None) -> PCM16:  # fmt: skip
+    """One job on the espeak thread: a clause, then moved toward the speaker."""
+    pcm = engine.synth(clause, voice=voice, pitch=pitch, rate_wpm=rate_wpm)
+    return pcm if likeness is None else likeness.apply(pcm, ESPEAK_SAMPLE_RATE)
 
 
 def synthesize(
@@ -414,6 +486,7 @@ class EspeakSynthesizer:
         loop = asyncio.get_running_loop()
         for variant in (_FEMALE_VARIANT, _MALE_VARIANT):
             await loop.run_in_executor(engine.executor, _calibration, variant)
+        await loop.run_in_executor(engine.executor, espeak_timbres)
 
     async def stream(
         self, text: str, *, sample_rate: int, language: str | None, profile: VoiceProfile
@@ -427,7 +500,9 @@ class EspeakSynthesizer:
         # First use loads the library (~10 ms) and may calibrate (~0.3 s): off the event loop.
         engine = await asyncio.to_thread(_engine)
         base = espeak_voice(language, text)
-        voice, pitch = await loop.run_in_executor(engine.executor, _voice_params, base, profile)
+        voice, pitch, likeness = await loop.run_in_executor(
+            engine.executor, _voice_setup, base, profile
+        )
         resampler = (
             None
             if sample_rate == ESPEAK_SAMPLE_RATE
@@ -438,9 +513,8 @@ class EspeakSynthesizer:
         rate_wpm = max(80, min(450, round(self._rate_wpm * profile.speech_rate)))
         for i, clause in enumerate(clauses):
             # One clause per job: another session's clauses run in between ours.
-            job = functools.partial(
-                engine.synth, clause, voice=voice, pitch=pitch, rate_wpm=rate_wpm
-            )
+            job = functools.partial(_speak_clause, engine, clause, voice, pitch=pitch,
+                                    rate_wpm=rate_wpm, likeness=likeness)
             pcm = await loop.run_in_executor(engine.executor, job)
             if resampler is not None:
                 pcm = resampler.resample_chunk(pcm, last=i == len(clauses) - 1)

@@ -29,7 +29,10 @@ from tts_stream.server.piper import PIPER_SAMPLE_RATE, synthesize_piper
 from tts_stream.testing.samplegen import SENTENCES, speech, wav_bytes
 from tts_stream.testing.voice_encoder import VoiceEncoder, cosine
 
-__all__ = ["ESPEAK_SPEAKERS", "PIPER_SPEAKERS", "TEST_TEXT", "Result", "measure", "sample"]
+__all__ = [
+    "ESPEAK_SPEAKERS", "PIPER_SPEAKERS", "TEST_TEXT", "Result", "measure", "piper_sample_wav",
+    "sample",
+]  # fmt: skip
 
 PCM16 = npt.NDArray[np.int16]
 RATE = 24000
@@ -68,6 +71,12 @@ def sample(name: str, seconds: float = 12.0) -> PCM16:
     return pcm
 
 
+def piper_sample_wav() -> bytes:
+    """A WAV sample whose base voice is piper (``piper_x1.12``): for tests that enroll a
+    voice and need the piper backend to speak it with piper, not with an espeak variant."""
+    return wav_bytes(sample("piper_x1.12"), RATE)
+
+
 @dataclass(frozen=True)
 class Result:
     speaker: str
@@ -75,6 +84,7 @@ class Result:
     own: float  # cos(backend with this voice, own sample)
     best_other: float  # highest cos(backend with this voice, another speaker's sample)
     best_other_name: str
+    row: tuple[float, ...] = ()  # cos(backend with this voice, each sample), in set order
 
     @property
     def gain(self) -> float:
@@ -113,8 +123,9 @@ async def measure(srv: LocalServer, backend: str, speakers: list[str]) -> list[R
         e = enc.embed(outputs[name], RATE)
         others = {o: cosine(e, refs[o]) for o in speakers if o != name}
         other = max(others, key=others.__getitem__)
+        row = tuple(cosine(e, refs[o]) for o in speakers)
         results.append(Result(name, cosine(e_plain, refs[name]), cosine(e, refs[name]),
-                              others[other], other))  # fmt: skip
+                              others[other], other, row))  # fmt: skip
     return results
 
 
