@@ -106,6 +106,13 @@ def test_the_server_never_imports_the_client(path: Path) -> None:
     assert not hit, hit
 
 
+@pytest.mark.parametrize("path", [*modules("bench"), *modules("tts_stream"), *modules("sinks")],
+                         ids=lambda p: str(p.relative_to(ROOT)))  # fmt: skip
+def test_nothing_outside_tests_imports_tests(path: Path) -> None:
+    hit = {m for m in imports(path) if m == "tests" or m.startswith("tests.")}
+    assert not hit, hit  # shared support lives in tts_stream.testing
+
+
 @pytest.mark.parametrize("name", PURE)
 def test_the_core_is_pure(name: str) -> None:
     found = imports(ROOT / "tts_stream" / f"{name}.py")
