@@ -39,7 +39,9 @@ def imports(path: Path) -> set[str]:
 
 
 def modules(folder: str) -> list[Path]:
-    return sorted((ROOT / folder).rglob("*.py"))
+    """Python files under ``folder``, leaving out hidden directories (bench's own venvs)."""
+    paths = (ROOT / folder).rglob("*.py")
+    return sorted(p for p in paths if not any(part.startswith(".") for part in p.parts))
 
 
 def engine_modules() -> list[Path]:
