@@ -41,7 +41,8 @@ def imports(path: Path) -> set[str]:
 def modules(folder: str) -> list[Path]:
     """Python files under ``folder``, leaving out hidden directories (bench's own venvs)."""
     paths = (ROOT / folder).rglob("*.py")
-    return sorted(p for p in paths if not any(part.startswith(".") for part in p.parts))
+    return sorted(p for p in paths
+                  if not any(part.startswith(".") for part in p.relative_to(ROOT).parts))
 
 
 def engine_modules() -> list[Path]:
