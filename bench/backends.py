@@ -24,7 +24,7 @@ Run (regenerates bench/results/backends.{jsonl,md}; a few minutes with --wer)::
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a file: make `bench` and `tests` importable
+if __package__ in (None, ""):  # run as a file: make `bench` importable
     import sys as _sys
     from pathlib import Path as _Path
 

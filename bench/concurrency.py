@@ -35,7 +35,7 @@ separately (``cpu_ms_per_audio_s_excl_refill``).
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a file: make `bench` and `tests` importable
+if __package__ in (None, ""):  # run as a file: make `bench` importable
     import sys as _sys
     from pathlib import Path as _Path
 

@@ -39,7 +39,7 @@ short enough for a single delta, so the server stamp of *that* delta is exact
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a file: make `bench` and `tests` importable
+if __package__ in (None, ""):  # run as a file: make `bench` importable
     import sys as _sys
     from pathlib import Path as _Path
 

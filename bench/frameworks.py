@@ -32,7 +32,7 @@ service, ``interruption_ms`` = interruption → the ``InterruptionFrame`` out of
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a file: make `bench` and `tests` importable
+if __package__ in (None, ""):  # run as a file: make `bench` importable
     import sys as _sys
     from pathlib import Path as _Path
 

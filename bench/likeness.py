@@ -15,7 +15,7 @@ every other for every speaker, and ``gain`` ≥ 0.1.
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a file: make `bench` and `tests` importable
+if __package__ in (None, ""):  # run as a file: make `bench` importable
     import sys as _sys
     from pathlib import Path as _Path
 

@@ -23,7 +23,7 @@ measured against the code before and after a fix. Measured, each point repeated:
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a file: make `bench` and `tests` importable
+if __package__ in (None, ""):  # run as a file: make `bench` importable
     import sys as _sys
     from pathlib import Path as _Path
 
