@@ -112,6 +112,22 @@ class Channel(Generic[T]):
         self._putter = asyncio.get_running_loop().create_future()
         await self._putter
 
+    async def wait_room(self) -> None:
+        """Return once a sender would fit or be woken: at once while the queued cost is below
+        the capacity or either end is closed, else when a receive brings the channel down to
+        ``low_water``, or on :meth:`clear`, :meth:`close_send` or :meth:`close`.
+
+        For a producer that must look at its own state before queueing (e.g. a barge-in
+        that drops the rest of a frame), where :meth:`send` would queue the item as soon as
+        it is woken. Several tasks may wait at once, and cancelling one waiter does not
+        wake or cancel the others; do not mix it with a blocked :meth:`send` in another task.
+        """
+        if self.used < self._capacity or self._send_closed or self._recv_closed:
+            return
+        if self._putter is None or self._putter.done():
+            self._putter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._putter)
+
     def send_evicting(self, item: T) -> list[T]:
         """Queue ``item`` now, dropping the oldest queued items until it fits (a lossy
         lane); returns the dropped items, oldest first. Raises as :meth:`send_nowait` for a
