@@ -238,9 +238,6 @@ class RtpSink(BaseSink):
         # A writer blocked on a full queue is woken once the queue is down to half, not at
         # every packet sent: one wake-up per half buffer instead of 50 per second.
         self._low_water = self._max_packets - max(1, self._max_packets // 2)
-        # the packets' payloads; the clock receives from it. A sink is opened once only, so
-        # the channel is closed for good at release.
-        self._queue = Channel[bytes](self._max_packets, low_water=self._low_water)
         self._session_id = secrets.randbits(31)
         self._encode = self.codec.encoder()
         self._tasks = OwnedTasks(self.name)
@@ -260,6 +257,9 @@ class RtpSink(BaseSink):
         self._partial = b""  # encoded audio short of a whole packet, waiting for more
         self._payload_size = 0  # octets per packet, known at open
         self._packet = bytearray()  # the one buffer every packet is built in (header+payload)
+        # the packets' payloads, received by the clock; closed for good at release (a sink is
+        # opened once only)
+        self._queue = Channel[bytes](self._max_packets, low_water=self._low_water)
         self._idle = asyncio.Event()  # the queue is empty and the pacer has stopped talking
         self._sent_any = asyncio.Event()
 
@@ -509,9 +509,7 @@ class RtpSink(BaseSink):
 
     def _enqueue(self, payloads: list[bytes]) -> None:
         if payloads:
-            send = self._queue.send_nowait  # the caller made room: never WouldBlock
-            for payload in payloads:
-                send(payload)
+            self._queue.send_all_nowait(payloads)  # the caller made room: never WouldBlock
             self._idle.clear()
             self._kick()
 

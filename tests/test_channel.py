@@ -205,3 +205,24 @@ async def test_wait_room_wakes_at_low_water_on_clear_and_on_close_without_queuei
     await asyncio.wait_for(ch.wait_room(), 5)  # closed: at once, the next send raises
     with pytest.raises(anyio.BrokenResourceError):
         ch.send_nowait(9)
+
+
+async def test_send_all_nowait_queues_all_or_nothing() -> None:
+    ch = Channel[int](3)
+    received = asyncio.create_task(ch.receive())
+    await asyncio.sleep(0)
+    ch.send_all_nowait([1, 2, 3])  # wakes the waiting receiver
+    assert await asyncio.wait_for(received, 5) == 1
+    with pytest.raises(anyio.WouldBlock):
+        ch.send_all_nowait([4, 5])  # only one fits: nothing is queued
+    assert ch.queued == 2
+    ch.send_all_nowait([4])
+    assert [ch.receive_nowait() for _ in range(3)] == [2, 3, 4]
+    by_size = Channel[bytes](4, cost=len)
+    by_size.send_all_nowait([b"123456"])  # an empty channel takes a batch whatever it costs
+    with pytest.raises(anyio.WouldBlock):
+        by_size.send_all_nowait([b"7"])
+    assert by_size.used == 6
+    by_size.close()
+    with pytest.raises(anyio.BrokenResourceError):
+        by_size.send_all_nowait([b"8"])

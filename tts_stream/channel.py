@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -96,6 +96,27 @@ class Channel(Generic[T]):
         getter = self._getter
         if getter is not None and not getter.done():
             getter.set_result(None)
+
+    def send_all_nowait(self, items: Sequence[T]) -> None:
+        """Queue all of ``items`` now, or none and raise as :meth:`send_nowait` (``WouldBlock``
+        unless they all fit; into an empty channel they are taken whatever they cost). One
+        call per batch: the RTP sink queues a frame's packets with it."""
+        if self._send_closed:
+            raise anyio.ClosedResourceError
+        if self._recv_closed:
+            raise anyio.BrokenResourceError
+        cost_of = self._cost
+        if cost_of is None:
+            if self.queued + len(items) > self._capacity:
+                raise anyio.WouldBlock
+        else:
+            cost = sum(map(cost_of, items))
+            if self.queued and self._used + cost > self._capacity:
+                raise anyio.WouldBlock
+            self._used += cost
+        self._items.extend(items)
+        self.queued += len(items)
+        _wake(self._getter)
 
     async def send(self, item: T) -> None:
         """Queue ``item``, awaiting room; no loop round-trip when there is room already."""
