@@ -2,11 +2,15 @@
 
 It carries every hop of the audio data path that needs a queue: the connection's reader →
 the speech's pump (every delta; bounded by a count of items), each fan-out lane (frames,
-bounded by samples) and :class:`sinks.ArraySink` (blocks, bounded by a count). The bound is a
-*cost*: each item costs ``cost(item)`` (1 when no ``cost`` is given, so a count bound is the
-degenerate case), and ``send`` waits while the queued cost plus the new item's would exceed
-``capacity``. An item costlier than the whole capacity is still taken into an empty channel
-(so a big delta never deadlocks the stream); memory stays bounded by capacity plus one item.
+bounded by samples), :class:`sinks.ArraySink` (blocks, bounded by a count) and
+:class:`sinks.RtpSink`'s packets (a count; the pacing clock receives, the writer waits
+with :meth:`Channel.wait_room` and queues a frame's packets with
+:meth:`Channel.send_all_nowait`). The bound is a *cost*: each item costs ``cost(item)``
+(1 when no ``cost`` is given, so a count bound is the degenerate case), and ``send`` waits
+while the queued cost plus the new item's would exceed ``capacity``. An item costlier than
+the whole capacity is still taken into an empty channel (so a big delta never deadlocks the
+stream); memory stays bounded by capacity plus one item (or one batch of
+:meth:`Channel.send_all_nowait`).
 
 Why not anyio's memory object streams, whose surface and exceptions these are
 (``WouldBlock``, ``EndOfStream``, ``ClosedResourceError``, ``BrokenResourceError``,
