@@ -8,8 +8,10 @@ non-blocking UDP socket, written with ``send`` straight from the clock's tick (b
 ``local_addr`` if given: symmetric RTP), or through a datagram transport the caller owns
 (``transport``: a SIP call's media socket, which also receives the caller's RTP); ``redirect``
 moves the stream to a new address. Frames are encoded when written, so the tick only packs a
-header into one reused buffer and sends. Boundary: sockets and asyncio UDP transports; imports
-``tts_stream.audio`` and ``tts_stream.errors`` only.
+header into one reused buffer and sends. The payloads wait in a count-bounded
+:class:`~tts_stream.channel.Channel` the clock receives from (it wakes a writer blocked on a
+full queue at half the buffer). Boundary: sockets and asyncio UDP transports; imports
+``tts_stream.audio``, ``tts_stream.channel`` and ``tts_stream.errors`` only.
 The packet classes are re-exported here for compatibility.
 
 RTP clock policy (documented behaviour, see RFC 3550 §5.1 and RFC 3551 §4.1):
@@ -33,7 +35,6 @@ RTP clock policy (documented behaviour, see RFC 3550 §5.1 and RFC 3551 §4.1):
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ipaddress
 import logging
@@ -41,13 +42,14 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
 import soxr
 
 from tts_stream.audio import PCM16, AudioFormat, SinkStats
+from tts_stream.channel import Channel
 from tts_stream.errors import ConnectionFailed, Timeout, UsageError
 
 from ._base import BaseSink, OwnedTasks, SinkState
@@ -255,9 +257,9 @@ class RtpSink(BaseSink):
         self._partial = b""  # encoded audio short of a whole packet, waiting for more
         self._payload_size = 0  # octets per packet, known at open
         self._packet = bytearray()  # the one buffer every packet is built in (header+payload)
-        self._queue: collections.deque[bytes] = collections.deque()
-        self._space = asyncio.Event()  # the queue has room
-        self._blocked = False  # a writer waits for _space
+        # the packets' payloads, received by the clock; closed for good at release (a sink is
+        # opened once only)
+        self._queue = Channel[bytes](self._max_packets, low_water=self._low_water)
         self._idle = asyncio.Event()  # the queue is empty and the pacer has stopped talking
         self._sent_any = asyncio.Event()
 
@@ -418,7 +420,6 @@ class RtpSink(BaseSink):
                 )
         except OSError as exc:
             raise ConnectionFailed(f"{self.name}: cannot open UDP socket: {exc}") from exc
-        self._space.set()
         self._idle.set()
         self._clock = RtpClock.for_loop(loop)
         if self.rtcp:
@@ -467,7 +468,7 @@ class RtpSink(BaseSink):
         if self._resampler is None:
             self._check()
             octets = len(self._partial) + int(samples.size) * self.codec.value[2]
-            if len(self._queue) + octets // self._payload_size <= self._max_packets:
+            if self._queue.queued + octets // self._payload_size <= self._max_packets:
                 self._seg_written_in += int(samples.size)
                 self._ending = False
                 self._enqueue(self._payloads(samples))
@@ -488,12 +489,12 @@ class RtpSink(BaseSink):
         (the rest of the frame is dropped)."""
         queue, done = self._queue, 0
         while done < len(payloads):
-            room = self._max_packets - len(queue)
+            room = self._max_packets - queue.queued
             if room <= 0:
-                self._space.clear()
-                self._blocked = True  # the clock sets _space again at the low-water mark
-                await self._wait(self._space, self._buffer_ms / 1000 + 5.0,
-                                 "room in the RTP queue")  # fmt: skip
+                # the channel wakes us at its low-water mark, on interrupt (clear), release and
+                # a clock error (close); it does not queue for us, so an interrupt drops the rest
+                await self._wait(self._has_room, queue.wait_room,
+                                 self._buffer_ms / 1000 + 5.0, "room in the RTP queue")  # fmt: skip
                 if self._state is not SinkState.OPEN and not draining:
                     raise self._state_error("write")  # closed while this write was waiting
                 if epoch != self._epoch:
@@ -503,9 +504,12 @@ class RtpSink(BaseSink):
             done += room
         return True
 
+    def _has_room(self) -> bool:
+        return self._queue.queued < self._max_packets
+
     def _enqueue(self, payloads: list[bytes]) -> None:
         if payloads:
-            self._queue.extend(payloads)
+            self._queue.send_all_nowait(payloads)  # the caller made room: never WouldBlock
             self._idle.clear()
             self._kick()
 
@@ -527,8 +531,9 @@ class RtpSink(BaseSink):
         if self._partial:  # the last packet is padded with silence
             missing = (self._payload_size - len(self._partial)) // self.codec.value[2]
             await self._put(self._payloads(np.zeros(missing, np.int16)), epoch, draining=True)
-        seconds = len(self._queue) * self.ptime_ms / 1000
-        await self._wait(self._idle, seconds + 5.0, "the RTP queue to drain")
+        seconds = self._queue.queued * self.ptime_ms / 1000
+        await self._wait(self._idle.is_set, self._idle.wait, seconds + 5.0,
+                         "the RTP queue to drain")  # fmt: skip
         if epoch == self._epoch:  # everything of this segment has been sent
             self._settle_segment()
 
@@ -553,7 +558,7 @@ class RtpSink(BaseSink):
         self._played_before = self._samples_played = played
         self._seg_written_in = self._seg_sent_out = 0
         self._write_lost = False
-        self._queue.clear()
+        self._queue.clear()  # wakes a writer blocked on a full queue: it drops the rest
         self._partial = b""
         if self._resampler is not None:
             self._resampler.clear()
@@ -561,12 +566,11 @@ class RtpSink(BaseSink):
             self._talking = False
             self._gap_from = self._next_due
         self._unschedule()
-        self._space.set()
         self._idle.set()
         return played
 
     async def _release(self) -> None:
-        self._space.set()  # a writer blocked on a full queue wakes up and sees CLOSED
+        self._queue.close()  # a writer blocked on a full queue wakes up and sees CLOSED
         self._unschedule()
         try:
             if self._rtcp_transport is not None and self._packets_sent:
@@ -578,33 +582,31 @@ class RtpSink(BaseSink):
             if self._rtcp_transport is not None:
                 self._rtcp_transport.close()
             self._sock = self._send = self._rtcp_transport = None
-            self._queue.clear()
 
     # -- tasks -------------------------------------------------------------------------------
 
-    async def _wait(self, event: asyncio.Event, seconds: float, what: str) -> None:
-        """Wait for ``event``, but give up if an owned task fails or ``seconds`` pass."""
-        if event.is_set():
+    async def _wait(
+        self, ready: Callable[[], bool], wake: Callable[[], Awaitable[object]], seconds: float,
+        what: str,
+    ) -> None:  # fmt: skip
+        """Until ``ready()``, awaiting ``wake()``; give up if an owned task fails (``_check``
+        raises it, or the state's or the clock's error) or ``seconds`` pass (``Timeout``)."""
+        if ready():
             return
         tasks = self._tasks.tasks
         if not tasks:  # nothing that could fail meanwhile (no RTCP task): a plain wait
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(seconds):
-                    await event.wait()
-            self._check()
-            if not event.is_set():
-                raise Timeout(f"{what} ({self.name})", seconds)
-            return
-        waiter = asyncio.ensure_future(event.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {waiter, *tasks}, timeout=seconds,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            waiter.cancel()
+                    await wake()
+        else:
+            waiter = asyncio.ensure_future(wake())
+            try:
+                await asyncio.wait({waiter, *tasks}, timeout=seconds,
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            finally:
+                waiter.cancel()
         self._check()
-        if not event.is_set():
+        if not ready():
             raise Timeout(f"{what} ({self.name})", seconds)
 
     def _played_now(self) -> int:
@@ -616,10 +618,10 @@ class RtpSink(BaseSink):
 
     def _kick(self) -> None:
         """Audio arrived (or the end of it): start a talk spurt now or after the prebuffer."""
-        if self._talking or not self._queue or self._clock is None:
+        if self._talking or not self._queue.queued or self._clock is None:
             return
         now = time.monotonic()
-        if self._ending or len(self._queue) >= self._prebuffer_packets:
+        if self._ending or self._queue.queued >= self._prebuffer_packets:
             due = now
         elif self._prebuffer_until is None:
             # A spurt starting on the very first packet underruns at the first hiccup of a
@@ -646,12 +648,9 @@ class RtpSink(BaseSink):
         due = self._next_due
         if due < now - _MAX_CATCH_UP:
             due = self._reanchor(now, due)
-        if due <= horizon and self._queue:
-            due = self._send_due(due, horizon)
-        if self._blocked and len(self._queue) <= self._low_water:
-            self._blocked = False
-            self._space.set()
-        if not self._queue:
+        if due <= horizon and self._queue.queued:
+            due = self._send_due(due, horizon)  # wakes a blocked writer at the low-water mark
+        if not self._queue.queued:
             self._stop_talking()
             return None
         self._scheduled = True
@@ -660,7 +659,7 @@ class RtpSink(BaseSink):
     def _start_spurt(self) -> bool:
         """Begin a talk spurt if there is audio; False (and idle) if there is none."""
         self._prebuffer_until = None
-        if not self._queue:
+        if not self._queue.queued:
             self._idle.set()
             return False
         # The spurt starts when it was due, not when the clock got round to it: a clock
@@ -692,14 +691,15 @@ class RtpSink(BaseSink):
         (fixed header packed in place, the payload encoded at write time copied behind it)
         and sent with one system call; the counters are written back once per tick."""
         queue, packet, send, pack_into = self._queue, self._packet, self._send, RTP_HEADER.pack_into
+        take = queue.receive_nowait
         assert send is not None
         b1 = self._pt | (0x80 if self._marker_next else 0)
         seq, ts, ssrc, spp, rate = self._seq, self._ts, self.ssrc, self._spp, self._rate
         start, n, sent = self._spurt_start, self._spurt_packets, 0
         copies = self._send_copies
-        while queue and due <= horizon:
+        while queue.queued and due <= horizon:
             pack_into(packet, 0, _RTP_B0, b1, seq, ts, ssrc)
-            packet[RTP_HEADER_SIZE:] = queue.popleft()
+            packet[RTP_HEADER_SIZE:] = take()
             try:
                 send(bytes(packet) if copies else packet)
             except OSError as exc:  # ICMP unreachable reported on this send, or a full buffer
@@ -738,7 +738,7 @@ class RtpSink(BaseSink):
     def on_clock_error(self, exc: Exception) -> None:
         self._scheduled = False
         self._clock_error = exc
-        self._space.set()  # waiters wake up and see the error
+        self._queue.close()  # the receiver is gone: a blocked writer wakes up and sees the error
         self._idle.set()
 
     async def _report(self) -> None:

@@ -169,3 +169,60 @@ async def test_closing_either_end_releases_the_other_ends_waiter() -> None:
     with pytest.raises(anyio.ClosedResourceError):
         await asyncio.wait_for(sender, 5)
     assert [i async for i in ch2] == [1]
+
+
+async def test_wait_room_wakes_at_low_water_on_clear_and_on_close_without_queueing() -> None:
+    ch = Channel[int](4, low_water=1)
+    await asyncio.wait_for(ch.wait_room(), 5)  # room: returns at once
+    for i in range(4):
+        ch.send_nowait(i)
+    first, second = (asyncio.create_task(ch.wait_room()) for _ in "ab")
+    await asyncio.sleep(0)
+    ch.receive_nowait()  # 3 queued: above the low-water mark
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not first.done() and not second.done()
+    second.cancel()  # one waiter giving up does not wake the other
+    await asyncio.sleep(0)
+    assert not first.done()
+    ch.receive_nowait()
+    ch.receive_nowait()  # 1 queued: woken, and nothing was queued for it
+    await asyncio.wait_for(first, 5)
+    assert ch.queued == 1
+    for i in range(3):
+        ch.send_nowait(i)
+    cleared = asyncio.create_task(ch.wait_room())
+    await asyncio.sleep(0)
+    assert not cleared.done()
+    ch.clear()  # barge-in
+    await asyncio.wait_for(cleared, 5)
+    for i in range(4):
+        ch.send_nowait(i)
+    closed = asyncio.create_task(ch.wait_room())
+    await asyncio.sleep(0)
+    ch.close()
+    await asyncio.wait_for(closed, 5)
+    await asyncio.wait_for(ch.wait_room(), 5)  # closed: at once, the next send raises
+    with pytest.raises(anyio.BrokenResourceError):
+        ch.send_nowait(9)
+
+
+async def test_send_all_nowait_queues_all_or_nothing() -> None:
+    ch = Channel[int](3)
+    received = asyncio.create_task(ch.receive())
+    await asyncio.sleep(0)
+    ch.send_all_nowait([1, 2, 3])  # wakes the waiting receiver
+    assert await asyncio.wait_for(received, 5) == 1
+    with pytest.raises(anyio.WouldBlock):
+        ch.send_all_nowait([4, 5])  # only one fits: nothing is queued
+    assert ch.queued == 2
+    ch.send_all_nowait([4])
+    assert [ch.receive_nowait() for _ in range(3)] == [2, 3, 4]
+    by_size = Channel[bytes](4, cost=len)
+    by_size.send_all_nowait([b"123456"])  # an empty channel takes a batch whatever it costs
+    with pytest.raises(anyio.WouldBlock):
+        by_size.send_all_nowait([b"7"])
+    assert by_size.used == 6
+    by_size.close()
+    with pytest.raises(anyio.BrokenResourceError):
+        by_size.send_all_nowait([b"8"])

@@ -2,11 +2,15 @@
 
 It carries every hop of the audio data path that needs a queue: the connection's reader →
 the speech's pump (every delta; bounded by a count of items), each fan-out lane (frames,
-bounded by samples) and :class:`sinks.ArraySink` (blocks, bounded by a count). The bound is a
-*cost*: each item costs ``cost(item)`` (1 when no ``cost`` is given, so a count bound is the
-degenerate case), and ``send`` waits while the queued cost plus the new item's would exceed
-``capacity``. An item costlier than the whole capacity is still taken into an empty channel
-(so a big delta never deadlocks the stream); memory stays bounded by capacity plus one item.
+bounded by samples), :class:`sinks.ArraySink` (blocks, bounded by a count) and
+:class:`sinks.RtpSink`'s packets (a count; the pacing clock receives, the writer waits
+with :meth:`Channel.wait_room` and queues a frame's packets with
+:meth:`Channel.send_all_nowait`). The bound is a *cost*: each item costs ``cost(item)``
+(1 when no ``cost`` is given, so a count bound is the degenerate case), and ``send`` waits
+while the queued cost plus the new item's would exceed ``capacity``. An item costlier than
+the whole capacity is still taken into an empty channel (so a big delta never deadlocks the
+stream); memory stays bounded by capacity plus one item (or one batch of
+:meth:`Channel.send_all_nowait`).
 
 Why not anyio's memory object streams, whose surface and exceptions these are
 (``WouldBlock``, ``EndOfStream``, ``ClosedResourceError``, ``BrokenResourceError``,
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -97,6 +101,27 @@ class Channel(Generic[T]):
         if getter is not None and not getter.done():
             getter.set_result(None)
 
+    def send_all_nowait(self, items: Sequence[T]) -> None:
+        """Queue all of ``items`` now, or none and raise as :meth:`send_nowait` (``WouldBlock``
+        unless they all fit; into an empty channel they are taken whatever they cost). One
+        call per batch: the RTP sink queues a frame's packets with it."""
+        if self._send_closed:
+            raise anyio.ClosedResourceError
+        if self._recv_closed:
+            raise anyio.BrokenResourceError
+        cost_of = self._cost
+        if cost_of is None:
+            if self.queued + len(items) > self._capacity:
+                raise anyio.WouldBlock
+        else:
+            cost = sum(map(cost_of, items))
+            if self.queued and self._used + cost > self._capacity:
+                raise anyio.WouldBlock
+            self._used += cost
+        self._items.extend(items)
+        self.queued += len(items)
+        _wake(self._getter)
+
     async def send(self, item: T) -> None:
         """Queue ``item``, awaiting room; no loop round-trip when there is room already."""
         while True:
@@ -111,6 +136,22 @@ class Channel(Generic[T]):
             raise anyio.BusyResourceError("sending")
         self._putter = asyncio.get_running_loop().create_future()
         await self._putter
+
+    async def wait_room(self) -> None:
+        """Return once a sender would fit or be woken: at once while the queued cost is below
+        the capacity or either end is closed, else when a receive brings the channel down to
+        ``low_water``, or on :meth:`clear`, :meth:`close_send` or :meth:`close`.
+
+        For a producer that must look at its own state before queueing (e.g. a barge-in
+        that drops the rest of a frame), where :meth:`send` would queue the item as soon as
+        it is woken. Several tasks may wait at once, and cancelling one waiter does not
+        wake or cancel the others; do not mix it with a blocked :meth:`send` in another task.
+        """
+        if self.used < self._capacity or self._send_closed or self._recv_closed:
+            return
+        if self._putter is None or self._putter.done():
+            self._putter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._putter)
 
     def send_evicting(self, item: T) -> list[T]:
         """Queue ``item`` now, dropping the oldest queued items until it fits (a lossy
