@@ -103,12 +103,10 @@ class Channel(Generic[T]):
 
     def send_all_nowait(self, items: Sequence[T]) -> None:
         """Queue all of ``items`` now, or none and raise as :meth:`send_nowait` (``WouldBlock``
-        unless they all fit; into an empty channel they are taken whatever they cost). One
-        call per batch: the RTP sink queues a frame's packets with it."""
-        if self._send_closed:
-            raise anyio.ClosedResourceError
-        if self._recv_closed:
-            raise anyio.BrokenResourceError
+        unless they all fit; an empty cost-bounded channel takes them whatever they cost, a
+        count-bounded one at most ``capacity`` items). One call per batch: the RTP sink
+        queues a frame's packets with it."""
+        self._check_sendable()
         cost_of = self._cost
         if cost_of is None:
             if self.queued + len(items) > self._capacity:
@@ -121,6 +119,14 @@ class Channel(Generic[T]):
         self._items.extend(items)
         self.queued += len(items)
         _wake(self._getter)
+
+    def _check_sendable(self) -> None:
+        """Raise as :meth:`send_nowait` does for a closed channel (inline there: once per
+        delta on the reader -> pump hop)."""
+        if self._send_closed:
+            raise anyio.ClosedResourceError
+        if self._recv_closed:
+            raise anyio.BrokenResourceError
 
     async def send(self, item: T) -> None:
         """Queue ``item``, awaiting room; no loop round-trip when there is room already."""
@@ -157,10 +163,7 @@ class Channel(Generic[T]):
         """Queue ``item`` now, dropping the oldest queued items until it fits (a lossy
         lane); returns the dropped items, oldest first. Raises as :meth:`send_nowait` for a
         closed channel."""
-        if self._send_closed:
-            raise anyio.ClosedResourceError
-        if self._recv_closed:
-            raise anyio.BrokenResourceError
+        self._check_sendable()
         items, cost_of, dropped = self._items, self._cost, []
         if cost_of is None:
             while len(items) >= self._capacity:

@@ -457,20 +457,20 @@ def parse_server_event(frame: str | bytes) -> ServerEvent:
 def server_event_from_dict(data: Mapping[str, Any]) -> ServerEvent:
     """The second half of :func:`parse_server_event`: the event of a loaded object."""
     cls = SERVER_EVENTS.get(data["type"])
-    if cls is None:
-        extra = {k: v for k, v in data.items() if k not in ("type", "event_id")}
-        return UnknownEvent(type_name=data["type"], event_id=data.get("event_id", ""), extra=extra)
-    return cls.from_dict(data)
+    return _unknown(data) if cls is None else cls.from_dict(data)
+
+
+def _unknown(data: Mapping[str, Any]) -> UnknownEvent:
+    """An event of a type we do not know, its fields kept in ``extra``."""
+    extra = {k: v for k, v in data.items() if k not in ("type", "event_id")}
+    return UnknownEvent(type_name=data["type"], event_id=data.get("event_id", ""), extra=extra)
 
 
 def parse_client_event(frame: str | bytes) -> ClientEvent | UnknownEvent:
     """Parse one client frame (server side). A missing ``event_id`` is tolerated (§5.3)."""
     data = load_event_object(frame)
     cls = CLIENT_EVENTS.get(data["type"])
-    if cls is None:
-        extra = {k: v for k, v in data.items() if k not in ("type", "event_id")}
-        return UnknownEvent(type_name=data["type"], event_id=data.get("event_id", ""), extra=extra)
-    return cls.from_dict(data)
+    return _unknown(data) if cls is None else cls.from_dict(data)
 
 
 # --- enrollment (§4) ---------------------------------------------------------------------------
