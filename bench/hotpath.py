@@ -5,7 +5,8 @@ Measures, in-process and without a server, the cost per item of:
 * ``channel``: the reader → pump :class:`~tts_stream.channel.Channel` (``send_nowait`` +
   ``receive_nowait``, and a producer/consumer pair that blocks on a full channel);
 * ``handle``: one ``response.audio.delta`` frame through the connection's parser, the
-  protocol machine and the base64 decoding (``Connection._handle``, the reader's work);
+  protocol machine and the base64 decoding up to the consumer's fast path
+  (``Connection._handle``, the frame callback's work);
 * ``fanout``: ``Fanout.write`` of a 100 ms frame into (a) a sink taking ``write_nowait``
   (idle lane, no queue), (b) an ``ArraySink`` read by a consumer task (the lane's queue and
   task), (c) a drop-oldest lane nobody drains.
@@ -18,8 +19,8 @@ Usage::
 The figures of each case are the median and the minimum over ``--repeat`` runs of the mean
 CPU time per item (``time.process_time``: the machine is shared, wall time would count other
 processes; the minimum is the least disturbed run); the load (``os.getloadavg``) is recorded
-with them. Only public APIs, except ``Connection._handle``
-(the reader's per-frame step has no public entry without a socket).
+with them. Only public APIs, except ``Connection._handle`` and its channel (the frame
+callback's per-message step has no public entry without a socket).
 """
 
 from __future__ import annotations
@@ -117,8 +118,10 @@ def _delta_frame() -> str:
 async def bench_handle(n: int) -> float:
     endpoint = Endpoint.resolve(base_url="http://127.0.0.1:1", api_key="sk-bench-0123456789")
     conn = Connection(endpoint, model="m", session={"voice": "v"})
-    raw = _delta_frame()
-    handle = conn._handle  # the reader's per-frame step
+    conn._channel = Channel(64)  # what __aenter__ creates before the dial
+    conn.deliver_nowait = lambda samples, rid, at, sent_at: True  # a consumer taking it all
+    raw = memoryview(_delta_frame().encode())  # what picows hands the frame callback
+    handle = conn._handle  # the frame callback's per-message step
     t0 = time.process_time()
     for _ in range(n):
         handle(raw)

@@ -56,7 +56,7 @@ async def test_session_configured_then_audio_decoded_in_order(
 ) -> None:
     async with connected(server, voice) as conn:
         assert conn.state is p.State.READY and conn.is_usable
-        assert conn._ws is not None and not conn._ws.protocol.extensions  # compression=None
+        assert conn.extensions == ()  # no compression (the upgrade agreed to no extension)
         await conn.append("Hello there.")
         await conn.finish()
         items = await drain(conn)

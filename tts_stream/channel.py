@@ -120,6 +120,16 @@ class Channel(Generic[T]):
         self.queued += len(items)
         _wake(self._getter)
 
+    def on_room(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` (soon, from the loop) when a blocked sender would be woken: a
+        receive brought the channel down to ``low_water``, or :meth:`clear`,
+        :meth:`close_send` or :meth:`close`. For a producer that cannot wait (the
+        connection's frame callback, which pauses reading the socket instead); it shares
+        the sender's wake-up, so not together with a blocked :meth:`send`."""
+        if self._putter is None or self._putter.done():
+            self._putter = asyncio.get_running_loop().create_future()
+        self._putter.add_done_callback(lambda _: callback())
+
     def _check_sendable(self) -> None:
         """Raise as :meth:`send_nowait` does for a closed channel (inline there: once per
         delta on the reader -> pump hop)."""

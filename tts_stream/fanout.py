@@ -110,6 +110,29 @@ class _Lane:
         self.peak = max(self.peak, self.queue.used)
         self._idle.clear()
 
+    def fits(self, n: int) -> bool:
+        """A frame of ``n`` samples would be taken without waiting (lossless lanes: room in
+        the queue; a failed or ended lane drops it, a drop-oldest lane evicts)."""
+        if self.policy is not Policy.LOSSLESS or self.failed is not None or self.ended:
+            return True
+        queue = self.queue
+        return not queue.queued or queue.used + n <= queue.capacity
+
+    def put_nowait(self, frame: Frame) -> None:
+        """:meth:`put` for a frame that :meth:`fits` (checked by the caller): never waits."""
+        if self.failed is not None or self.ended:
+            self._drop(frame)
+            return
+        if self.policy is Policy.DROP_OLDEST:
+            for old in self.queue.send_evicting(frame):
+                self._drop(old)
+        else:
+            self.queue.send_nowait(frame)
+        self.frames_in += 1
+        self.samples_in += len(frame)
+        self.peak = max(self.peak, self.queue.used)
+        self._idle.clear()
+
     async def get(self) -> Frame | None:
         """Next frame, or ``None`` once the lane ended (or failed) and is empty."""
         queue = self.queue
@@ -200,6 +223,7 @@ class Fanout(StackResource):
             raise UsageError(f"policies name unknown sinks: {', '.join(sorted(policies))}")
         self._opened: list[Sink] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._writing = False  # a write() is suspended: write_nowait must not overtake it
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -313,11 +337,38 @@ class Fanout(StackResource):
         # started here cannot be handed over to the lane's task either (asyncio.timeout & co.
         # bind the task that entered them). Only the optional write_nowait, which never
         # waits, and only on an idle lane, so the sink still sees the frames in order.
-        for lane in self._lanes:
+        self._writing = True
+        try:
+            for lane in self._lanes:
+                nowait = lane.write_nowait
+                if nowait is not None and lane.idle() and self._write_direct(lane, nowait, frame):
+                    continue
+                await lane.put(frame)
+        finally:
+            self._writing = False
+
+    def write_nowait(self, frame: Frame) -> bool:
+        """Queue ``frame`` for every sink without waiting, or do nothing and return False.
+
+        All or nothing: it goes ahead only when every lane takes the frame at once (an idle
+        lane's ``write_nowait``, room in a lossless queue, a drop-oldest queue) and no
+        :meth:`write` is suspended (the frame would overtake its predecessor); otherwise the
+        caller falls back to ``await write(frame)``. The connection's frame callback
+        delivers through it, with no task in between (speech.py).
+        """
+        if self._writing or self._closed or self._stack is None:
+            return False
+        n = len(frame)
+        lanes = self._lanes
+        for lane in lanes:
+            if not lane.fits(n):
+                return False
+        for lane in lanes:
             nowait = lane.write_nowait
             if nowait is not None and lane.idle() and self._write_direct(lane, nowait, frame):
                 continue
-            await lane.put(frame)
+            lane.put_nowait(frame)
+        return True
 
     def backlog_samples(self) -> int:
         """Samples queued for the slowest lossless sink (what back-pressure acts upon)."""

@@ -432,7 +432,7 @@ SERVER_EVENTS: dict[str, type[ServerEvent]] = {
 ALL_EVENTS: dict[str, type[Event]] = {**CLIENT_EVENTS, **SERVER_EVENTS}
 
 
-def load_event_object(frame: str | bytes) -> dict[str, Any]:
+def load_event_object(frame: str | bytes | bytearray | memoryview) -> dict[str, Any]:
     """The JSON object of one frame, checked to be an event (a string ``type`` and
     ``event_id``): the first half of :func:`parse_server_event`, for a reader that looks at
     the object before it becomes an event (the client redacts an echoed key there)."""

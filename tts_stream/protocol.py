@@ -343,18 +343,29 @@ class ClientSession:
         return f"resp_local_{self._anon}"
 
     def _on_delta(self, event: m.ResponseAudioDelta) -> Notification:
+        rid = self.accept_delta(event.response_id)
+        if rid is None:
+            why = "retired response" if self.live else f"session is {self.state.name}"
+            return Ignored(event.type, why)
+        return AudioReceived(rid, event.delta, event.extra)
+
+    def accept_delta(self, response_id: str | None) -> str | None:
+        """One ``response.audio.delta`` with this (optional) id: the response it belongs to,
+        or ``None`` when it is to be dropped (the session is not live, or the response was
+        retired). What :meth:`receive` does for a delta, without an event or notification
+        object: the client's reader calls it for every delta (the hot path)."""
         if not self.live:
-            return Ignored(event.type, f"session is {self.state.name}")
-        rid = event.response_id or self.current_response
+            return None
+        rid = response_id or self.current_response
         if rid is None:
             # A delta with neither a response id nor a response.created before it: tolerate
             # (optional ids, §5.5) by opening an anonymous response.
             rid = self.current_response = self._anonymous_id()
             self.tally.response_started()
         if rid in self._retired:
-            return Ignored(event.type, "retired response")
+            return None
         self.tally.deltas += 1
-        return AudioReceived(rid, event.delta, event.extra)
+        return rid
 
     def _on_error(self, event: m.Error) -> ServerFailure:
         # invalid_request_error is recoverable (v2 SDK, §5.9) unless it refused the

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -52,7 +53,7 @@ from types import TracebackType
 from typing import Literal
 
 from . import protocol as p
-from .audio import AudioFormat, Frame, Sink
+from .audio import PCM16, AudioFormat, Frame, Sink
 from .connection import Audio, Connection, ResponseBegan
 from .errors import (
     ClosedError,
@@ -586,9 +587,22 @@ class Speech:
             self._ended.set()
 
     async def _pump_events(self, att: _Attempt) -> BaseException | None:
-        """Handle the session's events until its channel ends; returns the loss, if any."""
+        """Handle the session's events until its channel ends; returns the loss, if any.
+
+        Audio mostly never reaches this loop: the connection hands each delta to
+        :meth:`_audio_nowait` from its frame callback while nothing is queued before it;
+        what that cannot take without waiting comes through the channel, in order.
+        """
+        conn = att.lease.connection
+        conn.deliver_nowait = functools.partial(self._audio_nowait, att)
+        try:
+            return await self._pump_channel(att, conn)
+        finally:
+            conn.deliver_nowait = None
+
+    async def _pump_channel(self, att: _Attempt, conn: Connection) -> BaseException | None:
         lost: BaseException | None = None
-        async for item in att.lease.connection.events:  # no loop round-trip when one is ready
+        async for item in conn.events:  # no loop round-trip when one is ready
             if att.retired:
                 return None
             if isinstance(item, Audio):
@@ -600,6 +614,33 @@ class Speech:
                 lost = lost or loss
             self._progress.set()
         return lost
+
+    def _audio_nowait(
+        self, att: _Attempt, samples: PCM16, rid: str, at: float, sent_at: float | None
+    ) -> bool:
+        """The connection's fast path (one delta, from its frame callback): what
+        :meth:`_on_audio` does, when the fan-out takes the frame without waiting; else False
+        and the delta goes through the channel. Never raises into the connection: a failure
+        fails the speech as the pump's would."""
+        if att.retired:
+            return True  # dropped, as the pump would
+        try:
+            ledger = self._ledger
+            frame = Frame(samples, ledger.samples_out, rid, at)  # ledger.audio's offset
+            assert self._fanout is not None
+            if not self._fanout.write_nowait(frame):
+                return False
+            self._rec.delta(at, samples, server_sent_at=sent_at)
+            self._on_response_started(rid, at)
+            ledger.audio(samples.shape[0])  # nothing is replayable from now on
+            att.last_activity = at
+            att.lease.first_audio()  # the pool starts the refill now (idempotent, O(1))
+            self._progress.set()
+        except Exception as exc:
+            log.exception("speech pump failed")
+            att.retired = True  # the rest of this session is dropped, as after a pump failure
+            self._fail(exc)
+        return True
 
     def _on_event(self, att: _Attempt, item: object) -> BaseException | None:
         """One event other than audio; returns the loss it reports, if any."""
@@ -639,12 +680,12 @@ class Speech:
 
     async def _on_audio(self, att: _Attempt, item: Audio) -> None:
         assert self._fanout is not None
-        frame = item.frame
-        self._rec.delta(frame.received_at, frame.samples, server_sent_at=item.server_sent_at)
-        self._on_response_started(frame.response_id, frame.received_at)
-        offset = self._ledger.audio(len(frame))  # nothing is replayable from now on
-        att.last_activity = frame.received_at
-        await self._fanout.write(Frame(frame.samples, offset, frame.response_id, frame.received_at))
+        samples, rid, at = item.samples, item.response_id, item.received_at
+        self._rec.delta(at, samples, server_sent_at=item.server_sent_at)
+        self._on_response_started(rid, at)
+        offset = self._ledger.audio(samples.shape[0])  # nothing is replayable from now on
+        att.last_activity = at
+        await self._fanout.write(Frame(samples, offset, rid, at))  # the delta's one Frame
         att.lease.first_audio()  # the pool starts the refill now (idempotent, O(1))
 
     def _on_response_started(self, rid: str, at: float) -> None:
