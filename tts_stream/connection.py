@@ -502,13 +502,15 @@ class Connection:
         """One text message: parse it, run it through the state machine, hand it on."""
         data = m.load_event_object(payload)
         secret = self._secret
-        if secret:  # a server echoing the key: no field of its events may carry it on
-            data = _redact_event(data, payload, secret)
         if data["type"] == _DELTA_TYPE:
             delta, rid = data.get("delta"), data.get("response_id")
             if type(delta) is str and (rid is None or type(rid) is str):
+                if secret and rid and secret in rid:  # the one text field carried on
+                    rid = rid.replace(secret, "sk-***")
                 self._on_delta(delta, rid, data.get("x_sent_monotonic"))
                 return
+        if secret:  # a server echoing the key: no field of its events may carry it on
+            data = _redact_event(data, payload, secret)
         for note in self.protocol.receive(m.server_event_from_dict(data)):
             if isinstance(note, p.AudioReceived):  # a delta the fast test above refused
                 self._on_delta(note.delta, note.response_id, note.extra.get("x_sent_monotonic"))
