@@ -206,11 +206,10 @@ async def test_a_refused_delta_queues_and_the_fast_path_waits_for_an_empty_chann
     both paths."""
     calls: list[int] = []  # the channel's length at each call
     seen = [0]  # samples the consumer has got so far, through either path
-    conn: Connection | None = None
+    box: list[Connection] = []  # the connection, for the consumer below
 
     def every_other(samples: PCM16, rid: str, at: float, sent_at: float | None) -> bool:
-        assert conn is not None
-        calls.append(len(conn.events))
+        calls.append(len(box[0].events))
         if len(calls) % 2:
             return False  # refused: queued as an Audio
         seen[0] += len(samples)
@@ -222,6 +221,7 @@ async def test_a_refused_delta_queues_and_the_fast_path_waits_for_an_empty_chann
         asyncio.timeout(TIMEOUT),
         Connection(ep, model=MODEL, session={"voice": voice}, channel_size=2) as conn,
     ):
+        box.append(conn)
         conn.deliver_nowait = every_other
         await conn.append(TEXT)
         await conn.finish()
