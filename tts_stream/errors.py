@@ -1,7 +1,7 @@
 """The one exception tree of tts-stream.
 
 Every error the library raises derives from :class:`TtsStreamError`. Third-party exceptions
-(aiohttp, websockets, PyAV, PortAudio) are translated at one boundary with ``raise ... from``.
+(aiohttp, picows, PyAV, PortAudio) are translated at one boundary with ``raise ... from``.
 Secrets (API keys) never appear in ``str()`` or ``repr()`` of any of these::
 
     TtsStreamError
