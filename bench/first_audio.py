@@ -30,9 +30,9 @@ utterance two figures: ``from_text_ms`` (first text handed over: ``speech.push``
 The end point is the first sample *written into the sink* (an ArraySink stamped once the
 block is in it, on whichever path the fan-out delivers it, as to any ArraySink: since issue
 11's turn-path pass the pump's ``write_nowait``; ``--queued-sink`` stamps with the sink used
-before, whose ``write`` override sent every frame through the lane task) for tts-stream, and the *arrival of the first delta in the SDK
-callback* for the SDK (before any base64 decoding: this favours the SDK, which hands the
-user undecoded JSON). ``engine_added_ms`` is the first sample in the sink minus the moment
+before, whose ``write`` override sent every frame through the lane task) for tts-stream,
+and the *arrival of the first delta in the SDK callback* for the SDK (before any base64
+decoding: this favours the SDK, which hands the user undecoded JSON). ``engine_added_ms`` is the first sample in the sink minus the moment
 the server sent the first delta (the server's ``x_sent_monotonic`` stamp): loopback, the
 WebSocket read, JSON + base64, the pump, the fan-out and the sink. By default the text is
 short enough for a single delta, so the server stamp of *that* delta is exact
@@ -76,7 +76,9 @@ from tts_stream import Engine, Frame, Voice
 from tts_stream.config import Endpoint
 from tts_stream.messages import VC_MODELS
 
-__all__ = ["QueuedStampedArraySink", "StampedArraySink", "engine_once", "main", "raw_once", "sdk_once"]
+__all__ = [
+    "QueuedStampedArraySink", "StampedArraySink", "engine_once", "main", "raw_once", "sdk_once",
+]  # fmt: skip
 
 MODEL = VC_MODELS[0]
 MODES = ("warm", "cold", "sdk")
