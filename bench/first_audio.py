@@ -27,15 +27,16 @@ With ``sdk`` in ``--modes``, the SDK's connect-to-first-delta is measured per pa
 One monotonic clock (``time.monotonic``, CLOCK_MONOTONIC, system-wide on Linux). For every
 utterance two figures: ``from_text_ms`` (first text handed over: ``speech.push`` /
 ``append_text``) and ``from_start_ms`` (before anything: ``engine.speak`` / ``connect``).
-The end point is the first sample *written into the sink* (an ArraySink stamped once the
-block is in it, on whichever path the fan-out delivers it, as to any ArraySink: since issue
-11's turn-path pass the pump's ``write_nowait``; ``--queued-sink`` stamps with the sink used
-before, whose ``write`` override sent every frame through the lane task) for tts-stream,
-and the *arrival of the first delta in the SDK callback* for the SDK (before any base64
-decoding: this favours the SDK, which hands the user undecoded JSON). ``engine_added_ms`` is the first sample in the sink minus the moment
-the server sent the first delta (the server's ``x_sent_monotonic`` stamp): loopback, the
-WebSocket read, JSON + base64, the pump, the fan-out and the sink. By default the text is
-short enough for a single delta, so the server stamp of *that* delta is exact
+The end point is the first sample *written into the sink* for tts-stream: an ArraySink
+stamped once the block is in it, on whichever path the fan-out delivers it, as to any
+ArraySink (since issue 11's turn-path pass, the pump's ``write_nowait``; ``--queued-sink``
+stamps with the sink used before, whose ``write`` override sent every frame through the lane
+task). For the SDK it is the *arrival of the first delta in its callback* (before any base64
+decoding: this favours the SDK, which hands the user undecoded JSON). ``engine_added_ms``
+is the first sample in the sink minus the moment the server sent the first delta (the
+server's ``x_sent_monotonic`` stamp): loopback, the WebSocket read, JSON + base64, the pump,
+the fan-out and the sink. By default the text is short enough for a single delta, so the
+server stamp of *that* delta is exact
 (``metrics.server_lag_ms_max`` is the lag of the only delta).
 """
 
