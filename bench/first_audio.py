@@ -122,6 +122,7 @@ class StampedArraySink(ArraySink):
             self._stamp(samples)
         return ok
 
+
 class QueuedStampedArraySink(StampedArraySink):
     """The stamping sink before issue 11's turn-path pass (``--queued-sink``): it overrides
     ``write``, so its ``write_nowait`` always refuses and every frame takes the fan-out's
