@@ -544,9 +544,11 @@ class Pool(StackResource):
                 try:
                     # This dial's own bound, from when it holds a slot (Connection bounds
                     # each step already; this one is the guard for the sum).
-                    async with asyncio.timeout(self._dial_timeout):
+                    async with asyncio.timeout(self._dial_timeout) as bound:
                         await stack.enter_async_context(conn)
                 except TimeoutError as exc:
+                    if not bound.expired():
+                        raise  # the connection's own Timeout (a TimeoutError too)
                     raise Timeout("a realtime session to connect", self._dial_timeout) from exc
                 finally:
                     self._in_flight -= 1
