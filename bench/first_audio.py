@@ -27,13 +27,16 @@ With ``sdk`` in ``--modes``, the SDK's connect-to-first-delta is measured per pa
 One monotonic clock (``time.monotonic``, CLOCK_MONOTONIC, system-wide on Linux). For every
 utterance two figures: ``from_text_ms`` (first text handed over: ``speech.push`` /
 ``append_text``) and ``from_start_ms`` (before anything: ``engine.speak`` / ``connect``).
-The end point is the first sample *written into the sink* (an ArraySink whose ``write`` is
-stamped once it returns) for tts-stream, and the *arrival of the first delta in the SDK
-callback* for the SDK (before any base64 decoding: this favours the SDK, which hands the
-user undecoded JSON). ``engine_added_ms`` is the first sample in the sink minus the moment
-the server sent the first delta (the server's ``x_sent_monotonic`` stamp): loopback, the
-WebSocket read, JSON + base64, the pump, the fan-out and the sink. By default the text is
-short enough for a single delta, so the server stamp of *that* delta is exact
+The end point is the first sample *written into the sink* for tts-stream: an ArraySink
+stamped once the block is in it, on whichever path the fan-out delivers it, as to any
+ArraySink (since issue 11's turn-path pass, the pump's ``write_nowait``; ``--queued-sink``
+stamps with the sink used before, whose ``write`` override sent every frame through the lane
+task). For the SDK it is the *arrival of the first delta in its callback* (before any base64
+decoding: this favours the SDK, which hands the user undecoded JSON). ``engine_added_ms``
+is the first sample in the sink minus the moment the server sent the first delta (the
+server's ``x_sent_monotonic`` stamp): loopback, the WebSocket read, JSON + base64, the pump,
+the fan-out and the sink. By default the text is short enough for a single delta, so the
+server stamp of *that* delta is exact
 (``metrics.server_lag_ms_max`` is the lag of the only delta).
 """
 
@@ -74,7 +77,9 @@ from tts_stream import Engine, Frame, Voice
 from tts_stream.config import Endpoint
 from tts_stream.messages import VC_MODELS
 
-__all__ = ["StampedArraySink", "engine_once", "main", "raw_once", "sdk_once"]
+__all__ = [
+    "QueuedStampedArraySink", "StampedArraySink", "engine_once", "main", "raw_once", "sdk_once",
+]  # fmt: skip
 
 MODEL = VC_MODELS[0]
 MODES = ("warm", "cold", "sdk")
@@ -82,18 +87,50 @@ TIMEOUT = 20.0
 
 
 class StampedArraySink(ArraySink):
-    """An ArraySink that stamps when the first frame has been written into it."""
+    """An ArraySink that stamps when the first frame has been written into it.
+
+    Delivered to exactly as a plain :class:`ArraySink`: it stamps in the two hooks behind
+    both of the fan-out's paths (``_try_write`` behind ``write_nowait``, which the pump calls
+    while the lane is idle, and ``_write`` behind ``write``, from the lane's task) and never
+    overrides ``write`` (which would turn the non-blocking path off, BaseSink.__init_subclass__,
+    and add the lane task's loop pass that a user's ArraySink does not pay). ``write_nowait``
+    is wrapped only to note the frame's receive stamp (the hooks get the samples alone).
+    """
 
     def __init__(self) -> None:
         super().__init__(max_blocks=100_000)
         self.first_write_at: float | None = None
         self.first_received_at: float | None = None
+        self._received_at: float | None = None
+
+    def write_nowait(self, frame: Frame) -> bool:
+        self._received_at = frame.received_at
+        return super().write_nowait(frame)
+
+    def _stamp(self, samples: Any) -> None:
+        if self.first_write_at is None and len(samples):
+            self.first_write_at = time.monotonic()
+            self.first_received_at = self._received_at
+
+    async def _write(self, samples: Any) -> None:
+        await super()._write(samples)
+        self._stamp(samples)
+
+    def _try_write(self, samples: Any) -> bool:
+        ok = super()._try_write(samples)
+        if ok:
+            self._stamp(samples)
+        return ok
+
+
+class QueuedStampedArraySink(StampedArraySink):
+    """The stamping sink before issue 11's turn-path pass (``--queued-sink``): it overrides
+    ``write``, so its ``write_nowait`` always refuses and every frame takes the fan-out's
+    queue and the lane task's loop pass. Kept to compare with figures measured before."""
 
     async def write(self, frame: Frame) -> None:
+        self._received_at = frame.received_at
         await super().write(frame)
-        if self.first_write_at is None and len(frame):
-            self.first_write_at = time.monotonic()
-            self.first_received_at = frame.received_at
 
 
 async def _drain(sink: ArraySink) -> int:
@@ -104,9 +141,9 @@ async def _drain(sink: ArraySink) -> int:
 
 
 async def engine_once(
-    engine: Engine, voice: Voice, text: str, mode: str, gcp: GcPauses
+    engine: Engine, voice: Voice, text: str, mode: str, gcp: GcPauses, *, queued: bool = False
 ) -> dict[str, Any]:
-    sink = StampedArraySink()
+    sink = QueuedStampedArraySink() if queued else StampedArraySink()
     async with asyncio.TaskGroup() as tg:
         consumer = tg.create_task(_drain(sink))
         async with asyncio.timeout(TIMEOUT):
@@ -270,9 +307,10 @@ async def _turn_round(
     gap_ms: float, gcp: GcPauses,
 ) -> list[dict[str, Any]]:  # fmt: skip
     await engine.prewarm(voice, 1)  # untimed: the lead turn starts from a ready spare
-    await engine_once(engine, voice, args.text, "lead", gcp)
+    q = args.queued_sink
+    await engine_once(engine, voice, args.text, "lead", gcp, queued=q)
     await asyncio.sleep(gap_ms / 1000.0)
-    recs = [await engine_once(engine, voice, args.text, "turn", gcp)]
+    recs = [await engine_once(engine, voice, args.text, "turn", gcp, queued=q)]
     await engine.prewarm(voice, 1)  # the refill of the measured turn ends before raw dials
     recs.append(await raw_once(srv, voice.name, args.text, gap_ms / 1000.0))
     if "sdk" in args.modes:
@@ -316,8 +354,8 @@ async def run(args: argparse.Namespace, srv: ServerProcess, gcp: GcPauses) -> li
                 if mode == "sdk":
                     rec = await asyncio.to_thread(sdk_once, srv.ws_url, voice.name, args.text)
                 else:
-                    rec = await engine_once(warm if mode == "warm" else cold, voice,
-                                            args.text, mode, gcp)  # fmt: skip
+                    rec = await engine_once(warm if mode == "warm" else cold, voice, args.text,
+                                            mode, gcp, queued=args.queued_sink)  # fmt: skip
                 rec["i"] = i
                 rec["warmup"] = i < args.warmup
                 records.append(rec)
@@ -472,6 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="gaps in ms between turns, e.g. 50,200,1000: the turn-after-turn mode "
         "(pool of one vs a configured raw socket; the SDK too when in --modes)",
+    )
+    parser.add_argument(
+        "--queued-sink",
+        action="store_true",
+        help="stamp with a sink that overrides write (every frame through the lane task's "
+        "queue): the ruler of the figures measured before issue 11's turn-path pass",
     )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--no-plot", action="store_true")

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import Enroll
 from tts_stream import protocol as p
 from tts_stream.config import Endpoint
-from tts_stream.errors import ClosedError, ServerError, UsageError
+from tts_stream.errors import ClosedError, HandshakeRejected, ServerError, UsageError
 from tts_stream.messages import VC_MODELS
 from tts_stream.pool import Pool, PoolKey
 from tts_stream.server import LocalServer
@@ -232,3 +232,88 @@ async def test_closing_the_pool_fails_an_acquire_still_waiting(
             assert pool.stats().leases == {key: 1}
         with pytest.raises(ClosedError, match="closed"):
             await waiting
+
+
+# --- prewarm: one bound per dial, a partial prewarm reports what it got -------------------------
+
+
+async def test_prewarm_with_refused_dials_keeps_what_connected_and_says_how_many(
+    server: LocalServer, enroll: Enroll
+) -> None:
+    key = PoolKey.make(model=MODEL, voice=await enroll(server))
+    async with asyncio.timeout(TIMEOUT), Pool(endpoint(server), size=0, dial_concurrency=2) as pool:
+        server.faults.set(refuse_handshake=503, times=2)  # the next two dials are refused
+        with pytest.raises(HandshakeRejected) as info:
+            await pool.prewarm(key, 5)
+        assert "3 of 5 warm spares ready" in " ".join(info.value.__notes__)
+        assert pool.spares(key) == 3  # the dials that connected stay in the pool
+        st = pool.stats()
+        assert (st.dials, st.dial_failures, st.dials_in_flight) == (5, 2, 0)
+        server.faults.set(refuse_handshake=503, times=1)
+        assert await pool.prewarm(key, 5, allow_partial=True) == 4  # a count, no error
+        assert await pool.prewarm(key, 5) == 5  # the last missing one, nothing refused now
+        leases = [await pool.acquire(key) for _ in range(5)]
+        assert all(lease.info.was_warm for lease in leases)
+        for lease in leases:
+            await lease.release()
+
+
+class SlowDoor:
+    """A TCP relay to the local server that holds every new connection ``delay`` s before
+    relaying a byte: each dial through it takes that long (a distant or busy service)."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        self.port, self.delay = port, delay
+        self.accepted = 0
+        self._listener: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> str:
+        self._listener = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._listener.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._listener is not None
+        self._listener.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _relay(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        await asyncio.sleep(self.delay)
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        for task in (asyncio.create_task(pipe(r, uw)), asyncio.create_task(pipe(ur, w))):
+            self._tasks.add(task)
+
+
+async def test_prewarm_bounds_each_dial_not_all_of_them(
+    server: LocalServer, enroll: Enroll
+) -> None:
+    """24 dials of 0.25 s each, one at a time: 6 s in all, longer than any one dial may take
+    (open + configure time-outs + 5 s = 6 s). Each dial is bounded on its own, so all of
+    them are made; a shared bound for the whole prewarm used to raise Timeout here."""
+    key = PoolKey.make(model=MODEL, voice=await enroll(server))
+    port = int(server.base_url.rsplit(":", 1)[1])
+    async with SlowDoor(port, 0.25) as url:
+        ep = Endpoint.resolve(base_url=url, api_key=server.api_key)
+        async with (
+            asyncio.timeout(TIMEOUT),
+            Pool(ep, size=0, dial_concurrency=1, open_timeout=0.5, configure_timeout=0.5) as pool,
+        ):
+            t0 = time.monotonic()
+            assert await pool.prewarm(key, 24) == 24
+            assert time.monotonic() - t0 > 6.0  # longer than one dial's bound: the point
+            st = pool.stats()
+            assert (st.dials, st.dial_failures, st.peak_parallel_dials) == (24, 0, 1)

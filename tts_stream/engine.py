@@ -382,19 +382,27 @@ class Engine(StackResource):
         model: str | None = None,
         mode: str = "server_commit",
         sample_rate: int = 24000,
+        allow_partial: bool = False,
         **session: Any,
-    ) -> None:
-        """Keep ``n`` configured spare sessions for this voice ready; returns once they are.
+    ) -> int:
+        """Keep ``n`` configured spare sessions for this voice ready; returns once they are,
+        with the number of spares ready.
 
-        Raises the dial's error when fewer than ``n`` could be made:
+        Each dial is bounded on its own (``open_timeout`` + ``configure_timeout``, from when
+        it gets one of the ``dial_concurrency`` slots), so a large ``n`` takes the rounds it
+        needs. When fewer than ``n`` could be made, the spares that connected stay in the
+        pool and the error of a failed dial is raised, with a note of how many are ready:
         :class:`~tts_stream.errors.ConnectionFailed` (nothing listening),
         :class:`~tts_stream.errors.Timeout` (a server that never answers), a
-        :class:`~tts_stream.errors.ServerError` (key or configuration refused).
+        :class:`~tts_stream.errors.ServerError` (key or configuration refused);
+        ``allow_partial=True`` returns the count instead of raising.
         """
         key = self.pool_key(voice, model=model, mode=mode, sample_rate=sample_rate,
                             extra_models=self.extra_models, **session)  # fmt: skip
-        await self._pool_or_raise().prewarm(key, n)
-        self._gc_safe_point()
+        try:
+            return await self._pool_or_raise().prewarm(key, n, allow_partial=allow_partial)
+        finally:
+            self._gc_safe_point()
 
     def stats(self) -> EngineStats:
         """One snapshot: the pool, speeches in flight, utterances and the recent errors."""

@@ -342,35 +342,46 @@ class Pool(StackResource):
         """Spares of ``key`` ready right now."""
         return sum(1 for s in self._spares.get(key, ()) if s.conn and s.conn.is_usable)
 
-    async def prewarm(self, key: PoolKey, n: int, *, wait: bool = True) -> None:
+    async def prewarm(
+        self, key: PoolKey, n: int, *, wait: bool = True, allow_partial: bool = False
+    ) -> int:
         """Keep at least ``n`` spares of ``key``; with ``wait`` return once they are ready.
 
-        With ``wait``, raises the error of a failed dial when fewer than ``n`` spares could
-        be made (:class:`~tts_stream.errors.ConnectionFailed` for a refused connection,
+        Returns the spares of ``key`` ready then. Each dial has its own bound (the
+        connection's ``open_timeout`` + ``configure_timeout``, counted from when it holds a
+        dial slot, ``dial_concurrency``), so ``n`` dials take as long as they need in
+        ``ceil(n / dial_concurrency)`` rounds and a slow one fails alone. With ``wait``,
+        once every dial has ended and fewer than ``n`` spares are ready, the spares that
+        connected stay in the pool and the error of a failed dial is raised
+        (:class:`~tts_stream.errors.ConnectionFailed` for a refused connection,
         :class:`~tts_stream.errors.Timeout` for a server that never answers, a
-        :class:`~tts_stream.errors.ServerError` for a refused key or configuration); the
-        spares that did connect stay in the pool.
+        :class:`~tts_stream.errors.ServerError` for a refused key or configuration), with
+        a note saying how many of the ``n`` are ready; ``allow_partial=True`` returns that
+        count instead (and logs the error once).
         """
         self._check_open()
         self._dial_errors.pop(key, None)
         self._target[key] = max(self._target.get(key, 0), n)
         self._ensure(key)
         if not wait:
-            return
-        try:
-            async with asyncio.timeout(self._dial_timeout):
-                while self.spares(key) < n:
-                    if not self._dialing.get(key):
-                        break  # every dial finished and some failed: do not wait forever
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError as exc:
-            raise Timeout(f"{n} warm spares", self._dial_timeout) from exc
-        if self.spares(key) < n:
-            err = self._dial_errors.pop(key, None)
-            if err is not None:
-                raise err
-            raise ConnectionFailed(f"only {self.spares(key)} of {n} warm spares connected")
+            return self.spares(key)
+        # No bound of its own: every dial in flight is bounded (_dial), and one that fails
+        # starts no other, so this ends when the last dial of the key has ended.
+        while self.spares(key) < n and self._dialing.get(key):
+            self._changed.clear()
+            await self._changed.wait()
+        ready = self.spares(key)
+        if ready >= n:
+            return ready
+        err = self._dial_errors.pop(key, None)
+        if err is None:
+            err = ConnectionFailed(f"only {ready} of {n} warm spares connected")
+        if allow_partial:
+            log.warning("prewarm: %d of %d warm spares for %s ready (%s)", ready, n,
+                        key.voice, err)  # fmt: skip
+            return ready
+        err.add_note(f"prewarm: {ready} of {n} warm spares ready (they stay in the pool)")
+        raise err
 
     async def acquire(self, key: PoolKey) -> Lease:
         """A configured connection for ``key``: a warm spare if one is ready, else the next
@@ -531,7 +542,14 @@ class Pool(StackResource):
                 peak = max(self._counts["peak_parallel_dials"], self._in_flight)
                 self._counts["peak_parallel_dials"] = peak
                 try:
-                    await stack.enter_async_context(conn)
+                    # This dial's own bound, from when it holds a slot (Connection bounds
+                    # each step already; this one is the guard for the sum).
+                    async with asyncio.timeout(self._dial_timeout) as bound:
+                        await stack.enter_async_context(conn)
+                except TimeoutError as exc:
+                    if not bound.expired():
+                        raise  # the connection's own Timeout (a TimeoutError too)
+                    raise Timeout("a realtime session to connect", self._dial_timeout) from exc
                 finally:
                     self._in_flight -= 1
         except Exception as exc:
