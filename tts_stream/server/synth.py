@@ -527,7 +527,6 @@ class EspeakSynthesizer:
 _TONE_MS_PER_CHAR: Final = 60
 _TONE_SYLLABLE_S: Final = 0.25
 _TONE_DEFAULT_HZ: Final = 140
-_TONE_YIELD_EVERY: Final = 10  # chunks (1 s of audio) between two yields to the event loop
 _TONE_AMPLITUDES: Final = (0.30, 0.21, 0.26, 0.18)  # one "phrase" = 4 syllables = 1 s
 
 
@@ -575,11 +574,8 @@ class ToneSynthesizer:
         ms_per_char = _TONE_MS_PER_CHAR / profile.speech_rate
         total = math.ceil(chars * ms_per_char * sample_rate / 1000 / syl) * syl
         chunk = sample_rate * CHUNK_MS // 1000
-        for i, start in enumerate(range(0, total, chunk)):
+        for start in range(0, total, chunk):
             pos = start % sample_rate
             yield table[pos : pos + min(chunk, total - start)].copy()
-            if i % _TONE_YIELD_EVERY == _TONE_YIELD_EVERY - 1:
-                # Give the event loop a turn now and then: a consumer that never awaits
-                # would otherwise starve it. Not per chunk: a paced consumer awaits anyway,
-                # and a loop pass per chunk was a tenth of the paced server's CPU.
-                await asyncio.sleep(0)
+            # Give the event loop a turn: a consumer that never awaits would otherwise starve it.
+            await asyncio.sleep(0)
