@@ -213,7 +213,8 @@ class ServerStats:
     client_events: int = 0
     errors_sent: int = 0
     # pacing="realtime": deltas sent more than 20 / 50 ms after their due time on the
-    # session's own schedule (the server fell behind: its loop was busy or starved)
+    # session's own schedule (the server fell behind: its loop was busy or starved, or the
+    # client did not read and flow control held the response back)
     deltas_late_20ms: int = 0
     deltas_late_50ms: int = 0
 
