@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import importlib.metadata
 import json
@@ -367,6 +368,25 @@ class ServerProcess:
         """CPU seconds the server process used so far."""
         return proc_cpu_s(self.pid)
 
+    def stats(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        """The server's counters (``LocalServer.stats()``), asked for over its stdin; None
+        when it does not answer in ``timeout`` (a tree whose ``serve`` has no such command)."""
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.stdout is None:
+            return None
+        proc.stdin.write("stats\n")
+        proc.stdin.flush()
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        try:
+            if not sel.select(timeout):
+                return None
+            line = proc.stdout.readline()
+        finally:
+            sel.close()
+        stats: dict[str, Any] = json.loads(line) if line.strip() else {}
+        return stats or None
+
     def rss_kb(self) -> int:
         return proc_rss_kb(self.pid)
 
@@ -412,15 +432,21 @@ async def _serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    def watch_stdin() -> None:  # the parent died or closed our stdin: stop
+    def report() -> None:  # on the loop: the counters as one JSON line
+        sys.stdout.write(json.dumps(dataclasses.asdict(srv.stats())) + "\n")
+        sys.stdout.flush()
+
+    def watch_stdin() -> None:  # "stats": report; the parent died or closed our stdin: stop
         with contextlib.suppress(OSError, ValueError):
-            sys.stdin.read()
+            for line in sys.stdin:
+                if line.strip() == "stats":
+                    loop.call_soon_threadsafe(report)
         loop.call_soon_threadsafe(stop.set)
 
-    threading.Thread(target=watch_stdin, daemon=True).start()
     async with LocalServer(
         port=0, backend=args.backend, pacing=args.pacing, delta_ms=args.delta_ms, api_key=key
     ) as srv:
+        threading.Thread(target=watch_stdin, daemon=True).start()
         srv.faults.stamp_deltas = args.stamp_deltas
         srv.faults.delta_interval_s = args.delta_interval_s
         srv.faults.times = None  # every session

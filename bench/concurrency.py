@@ -581,18 +581,22 @@ def report(points: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "reached the engine's reader within the allowance of the server's send stamp (the "
         "server sent late); gen-2 = the engine process's full garbage collections in the "
         "window; CPU util in cores (2 = the whole machine), *other* = every other process of "
-        "this shared machine meanwhile.",
+        "this shared machine meanwhile; *server sent late* = deltas the server itself sent "
+        "more than 20 / 50 ms after their due time on its real-time schedule (its own count; "
+        "– for a server that does not report it).",
         "",
-        "| loop | N | late frames | of which upstream | gen-2 GC: count, max / total pause "
-        "(ms) | tracked allocs per delta | tracked objects per spare | frozen objects "
+        "| loop | N | late frames | of which upstream | server sent late >20 / >50 ms "
+        "| gen-2 GC: count, max / total pause (ms) | tracked allocs per delta "
+        "| tracked objects per spare | frozen objects "
         "| CPU util steady: client / server | other processes |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---|---:|",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|",
     ]
     for p in ok:
         gen2 = p.get("gc", {}).get("gen2", {})
         other = p["other_cpu_s"] / p["wall_s"] if p.get("wall_s") else None
         lines.append(
             f"| {p['loop']} | {p['n']} | {p['late_frames']} | {p['late_frames_upstream']} | "
+            f"{p.get('server_deltas_late_20ms', '–')} / {p.get('server_deltas_late_50ms', '–')} | "
             f"{gen2.get('count', 0)}, {fmt_ms(gen2.get('max_ms'), 1)} / "
             f"{fmt_ms(gen2.get('sum_ms'), 1)} | {fmt_ms(p.get('gc_tracked_allocs_per_delta'), 1)}"
             f" | {fmt_ms(p.get('gc_tracked_per_spare'), 0)} | "
@@ -727,9 +731,14 @@ def main(argv: list[str] | None = None) -> int:
         voice = run_loop(_enroll(srv), "asyncio")
         for n in levels:
             for loop in loops:
-                t = time.monotonic()
+                t, before = time.monotonic(), srv.stats()
                 point = _run_point(srv, voice, n, loop, args=args, utter_path=utter_path)
                 point["point_wall_s"] = time.monotonic() - t
+                after = srv.stats()
+                if before and after:  # the server's own count of deltas it sent late
+                    for key in ("deltas_sent", "deltas_late_20ms", "deltas_late_50ms"):
+                        if key in after:
+                            point["server_" + key] = after[key] - before.get(key, 0)
                 point["server_rss_kb"] = srv.rss_kb()
                 jl.write(point)
                 points.append(point)

@@ -9,7 +9,9 @@ Measures, in-process and without a server, the cost per item of:
   (``Connection._handle``, the frame callback's work);
 * ``fanout``: ``Fanout.write`` of a 100 ms frame into (a) a sink taking ``write_nowait``
   (idle lane, no queue), (b) an ``ArraySink`` read by a consumer task (the lane's queue and
-  task), (c) a drop-oldest lane nobody drains.
+  task), (c) a drop-oldest lane nobody drains;
+* ``recorder_delta``, ``ledger_audio``, ``frame``: the pump's other per-delta calls
+  (``Recorder.delta`` with a server stamp, ``Ledger.audio``, ``audio.Frame(...)``).
 
 Usage::
 
@@ -43,6 +45,8 @@ from tts_stream.channel import Channel
 from tts_stream.config import Endpoint
 from tts_stream.connection import Connection
 from tts_stream.fanout import Fanout, Policy
+from tts_stream.ledger import Ledger
+from tts_stream.metrics import Recorder
 
 __all__ = ["main"]
 
@@ -175,7 +179,41 @@ async def bench_fanout_lossy(n: int) -> float:
     return elapsed / n
 
 
+async def bench_recorder_delta(n: int) -> float:
+    """``Recorder.delta`` of a voiced 100 ms delta with a server stamp (the pump's metrics)."""
+    block = np.full(SAMPLES, 1000, np.int16)
+    rec = Recorder(sample_rate=24000)
+    rec.response_created(0.0)
+    t0 = time.process_time()
+    for i in range(n):
+        rec.delta(i * 0.1, block, server_sent_at=i * 0.1 - 0.001)
+    return (time.process_time() - t0) / n
+
+
+async def bench_ledger_audio(n: int) -> float:
+    """``Ledger.audio`` of one delta (the offset of its frame)."""
+    led = Ledger(24000)
+    led.appended("Hello there.")
+    led.response_started("resp_1")
+    t0 = time.process_time()
+    for _ in range(n):
+        led.audio(SAMPLES)
+    return (time.process_time() - t0) / n
+
+
+async def bench_frame(n: int) -> float:
+    """``audio.Frame`` construction (frozen, slotted dataclass) for one delta."""
+    block = np.zeros(SAMPLES, np.int16)
+    t0 = time.process_time()
+    for i in range(n):
+        Frame(block, i, "resp_1", 0.5)
+    return (time.process_time() - t0) / n
+
+
 CASES: dict[str, tuple[Callable[[int], Awaitable[float]], int]] = {
+    "recorder_delta": (bench_recorder_delta, 100_000),
+    "ledger_audio": (bench_ledger_audio, 200_000),
+    "frame": (bench_frame, 200_000),
     "channel_nowait": (bench_channel_nowait, 200_000),
     "channel_blocking": (bench_channel_blocking, 100_000),
     "handle_delta": (bench_handle, 20_000),

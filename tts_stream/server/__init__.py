@@ -12,8 +12,9 @@ offline synthesis (``backend="espeak"``) or a nearly free deterministic tone
         srv.stats()       # counters snapshot (ServerStats)
 
 Boundary: the server reuses ``messages`` and ``samples``, never the client side of tts-stream.
-Files: ``app.py`` (HTTP + routing), ``realtime.py`` (sessions), ``voices.py`` (SQLite store),
-``synth.py`` (speech backends), ``faults.py`` (fault knobs, counters).
+Files: ``app.py`` (HTTP + routing), ``realtime.py`` (sessions), ``pacer.py`` (the one
+real-time pacing timer per loop), ``voices.py`` (SQLite store), ``synth.py`` (speech
+backends), ``faults.py`` (fault knobs, counters).
 """
 
 from __future__ import annotations

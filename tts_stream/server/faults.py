@@ -212,6 +212,11 @@ class ServerStats:
     audio_samples_sent: int = 0
     client_events: int = 0
     errors_sent: int = 0
+    # pacing="realtime": deltas sent more than 20 / 50 ms after their due time on the
+    # session's own schedule (the server fell behind: its loop was busy or starved, or the
+    # client did not read and flow control held the response back)
+    deltas_late_20ms: int = 0
+    deltas_late_50ms: int = 0
 
 
 @dataclass(slots=True)
@@ -230,6 +235,14 @@ class Counters:
     audio_samples_sent: int = 0
     client_events: int = 0
     errors_sent: int = 0
+    deltas_late_20ms: int = 0
+    deltas_late_50ms: int = 0
+
+    def count_late(self, lateness_s: float) -> None:
+        """A delta left ``lateness_s`` (> 20 ms) after its due time."""
+        self.deltas_late_20ms += 1
+        if lateness_s > 0.050:
+            self.deltas_late_50ms += 1
 
     def snapshot(self) -> ServerStats:
         return ServerStats(**dataclasses.asdict(self))

@@ -32,6 +32,8 @@ _COUNTERS = (
     ("deltas_sent", "deltas_sent", "Audio deltas sent"),
     ("audio_samples_sent", "audio_samples_sent", "Audio samples sent"),
     ("errors_sent", "errors", "Error events sent to clients"),
+    ("deltas_late_20ms", "deltas_late_20ms", "Real-time deltas sent > 20 ms after due"),
+    ("deltas_late_50ms", "deltas_late_50ms", "Real-time deltas sent > 50 ms after due"),
     ("http_requests", "http_requests", "Enrollment HTTP requests"),
     ("voices_created", "voices_created", "Voices enrolled"),
 )

@@ -81,6 +81,7 @@ from ..messages import (
 from .encode import DEFAULT_BIT_RATE_KBPS, Encoder, make_encoder
 from .faults import Counters, FaultPlan, Faults
 from .likeness import SpeakerFeatures
+from .pacer import Pacer
 from .session import (
     SYSTEM_VOICES,
     Close,
@@ -120,6 +121,9 @@ _HANDSHAKE_ERRORS = {
     503: ("ServiceUnavailable", "Service temporarily unavailable, please try again later."),
 }  # fmt: skip
 _WAV_UNKNOWN = 0xFFFFFFFF
+_LATE_S = 0.020  # a delta sent this long after its due time counts as late (ServerStats)
+_HIGH_WATER = 256 * 1024  # unsent bytes past which a response waits (aiohttp's writer limit)
+_DRAIN_POLL_S = 0.005
 _TOUCH_EVERY_S = 60.0  # voice last-used bookkeeping: at most one write per session per minute
 # The client events ``error_event_at`` can replace (faults.py), by event type.
 _FAULT_STEPS = {
@@ -322,6 +326,32 @@ class Session:
         if self.stalled:
             return
         await self.ws.send_frame(data, WSMsgType.TEXT)
+
+    async def _send_delta(self, frame: bytes) -> None:
+        """Write one delta's whole WebSocket frame (``DeltaFrames.ws_frame``) to the transport.
+
+        Deltas are most of the traffic: one ``transport.write`` instead of aiohttp's three
+        coroutine layers and its header + payload copy. Safe next to aiohttp's own writes
+        (other events, pongs, the close frame): each is one synchronous transport write of a
+        whole frame, and no delta follows a close (``ws.closed`` is set before aiohttp
+        writes its close frame). Flow control as aiohttp's: past ``_HIGH_WATER`` unsent
+        bytes this response waits until the client has read them.
+        """
+        if self.stalled:
+            return
+        transport = self.request.transport
+        if self.ws.closed or transport is None or transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+        transport.write(frame)
+        if transport.get_write_buffer_size() > _HIGH_WATER:
+            await self._drain(transport)
+
+    async def _drain(self, transport: asyncio.Transport) -> None:
+        """Wait until the client has read the bytes held back (a slow or stopped reader)."""
+        while transport.get_write_buffer_size() > _HIGH_WATER // 2:
+            if transport.is_closing():
+                raise ConnectionResetError("Cannot write to closing transport")
+            await asyncio.sleep(_DRAIN_POLL_S)
 
     async def _send_event(self, event: ServerEvent) -> None:
         counters = self.svc.counters
@@ -526,7 +556,9 @@ class _Audio:
         self.fed = 0  # encoded formats: PCM bytes encoded since the last delta
         self.sent_bytes = 0  # audio bytes of this response already sent (pacing clock)
         self.k = 0  # deltas of this response
-        self.t0 = 0.0
+        self.t0 = 0.0  # time.monotonic() of the first delta: the schedule's origin
+        self.realtime = session.cfg.pacing == "realtime"
+        self.pacer = Pacer.for_loop(session.loop)
 
     @property
     def cancelled(self) -> bool:
@@ -588,21 +620,27 @@ class _Audio:
                 await self._send(len(buf), self.fed)
                 self.fed = 0
 
-    async def _pace(self) -> None:
-        """Wait until delta ``k`` is due: an absolute schedule, never a sum of sleeps."""
-        plan, loop = self.session.plan, self.session.loop
+    async def _pace(self) -> float | None:
+        """Wait until delta ``k`` is due: an absolute schedule, never a sum of sleeps.
+
+        Returns the due time (``time.monotonic()`` seconds) when there is a schedule
+        (real-time pacing or ``delta_interval_s``), else None.
+        """
+        plan = self.session.plan
         if self.k == 0:
             if plan.first_audio_delay_s > 0:
                 await asyncio.sleep(plan.first_audio_delay_s)
-            self.t0 = loop.time()
-            return
-        realtime = self.session.cfg.pacing == "realtime"
-        target = self.t0 + (self.sent_bytes / 2 / self.rate if realtime else 0.0)
+            self.t0 = time.monotonic()
+            return self.t0 if self.realtime else None
+        target = self.t0 + self.sent_bytes / 2 / self.rate if self.realtime else None
         if plan.delta_interval_s > 0:
-            target = max(target, self.t0 + self.k * plan.delta_interval_s)
-        delay = target - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
+            spaced = self.t0 + self.k * plan.delta_interval_s
+            target = spaced if target is None else max(target, spaced)
+        if target is not None:
+            wake = self.pacer.wait(target)  # one timer per loop, not one per session
+            if wake is not None:
+                await wake
+        return target
 
     async def _send(self, nbytes: int, audio_bytes: int | None = None) -> None:
         """Send the first ``nbytes`` of ``buf`` as one delta, on schedule; it carries
@@ -610,16 +648,19 @@ class _Audio:
         session, plan = self.session, self.session.plan
         if session.deltas == 0:
             session._after_delta(0)  # a count of 0 means: before the session's first audio
-        await self._pace()
+        due = await self._pace()
         n = session.deltas + 1
         if plan.error_delta == n:
             await session._maybe_inject(plan.error_event_at or "")
-        stamp = time.monotonic() if plan.stamp_deltas else None
+        now = time.monotonic()
+        if due is not None and now - due > _LATE_S:
+            session.svc.counters.count_late(now - due)
+        stamp = now if plan.stamp_deltas else None
         # Encode straight from the buffer (no intermediate copy), then drop those bytes.
         with memoryview(self.buf) as view, view[:nbytes] as piece:
             encoded = pybase64.b64encode(piece)
         del self.buf[:nbytes]
-        await session._send_raw(self.frames.frame(encoded, stamp))
+        await session._send_delta(self.frames.ws_frame(encoded, stamp))
         audio = max(0, nbytes - self.header_left) if audio_bytes is None else audio_bytes
         self.header_left = max(0, self.header_left - nbytes)
         self.sent_bytes += audio

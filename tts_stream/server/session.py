@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import secrets
 import string
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
@@ -76,6 +77,7 @@ __all__ = [
     "StopAudio",
     "Synthesize",
     "check_setting",
+    "ws_text_header",
 ]
 
 # Built-in voices of the Qwen-TTS flash models: rejected by the VC models (§5.1, §5.9).
@@ -627,6 +629,21 @@ def _item(iid: str, status: str, content: list[Any]) -> dict[str, Any]:
 # --- the audio hot path --------------------------------------------------------------------------
 
 
+_DELTA_FIXED = len(b'{"event_id":"event_') + len(b'"delta":"') + len(b'"}')
+_WS_TEXT = 0x81  # FIN + opcode 1 (text)
+_WS_LEN16 = struct.Struct("!BBH")
+_WS_LEN64 = struct.Struct("!BBQ")
+
+
+def ws_text_header(size: int) -> bytes:
+    """The header of a final, unmasked text frame of ``size`` payload bytes (RFC 6455 §5.2)."""
+    if size < 126:
+        return bytes((_WS_TEXT, size))
+    if size < 65536:
+        return _WS_LEN16.pack(_WS_TEXT, 126, size)
+    return _WS_LEN64.pack(_WS_TEXT, 127, size)
+
+
 class DeltaFrames:
     """The ``response.audio.delta`` frames of one response, as bytes built by hand.
 
@@ -651,6 +668,19 @@ class DeltaFrames:
         """One delta carrying ``b64`` (base64 audio), with a fresh event id."""
         extra = b'"x_sent_monotonic":' + repr(stamp).encode() + b"," if stamp is not None else b""
         return b"".join((b'{"event_id":"event_', self._ids.next(), self._head, extra,
+                         b'"delta":"', b64, b'"}'))  # fmt: skip
+
+    def ws_frame(self, b64: bytes, stamp: float | None = None) -> bytes:
+        """:meth:`frame` inside its WebSocket frame (RFC 6455 §5.2: a final, unmasked,
+        uncompressed text frame, as a server sends it), built with one copy of the audio.
+
+        The driver writes it straight to the transport: no header + payload concatenation
+        and no coroutine layers of the WebSocket library per delta.
+        """
+        extra = b'"x_sent_monotonic":' + repr(stamp).encode() + b"," if stamp is not None else b""
+        eid = self._ids.next()
+        size = _DELTA_FIXED + len(eid) + len(self._head) + len(extra) + len(b64)
+        return b"".join((ws_text_header(size), b'{"event_id":"event_', eid, self._head, extra,
                          b'"delta":"', b64, b'"}'))  # fmt: skip
 
     def event(self, event_id: str, b64: str, stamp: float | None = None) -> ResponseAudioDelta:
