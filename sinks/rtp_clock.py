@@ -1,12 +1,20 @@
 """One pacing scheduler per event loop for every :class:`~sinks.RtpSink` on it.
 
 Media servers keep hundreds of channels on their 20 ms grid by driving all of them from one
-timer, not one timer (or task) per channel. :class:`RtpClock` is that timer for asyncio: a heap
-of ``(due, stream)`` entries and a single loop timer armed at the earliest due time. One
-wake-up sends every packet due within :data:`EARLY` of now, for every stream, in due order;
-each stream keeps its own phase and its absolute ``start + n * ptime`` grid (the clock only
-asks a stream for its next due time, it never adds sleeps). A stream is anything with the two
-methods of :class:`Paced`.
+timer, not one timer (or task) per channel. :class:`RtpClock` is that timer for asyncio: a
+timing wheel of 1 ms slots (a dict from slot number to the streams due in it, with their due
+times) and a single loop timer armed at the earliest due time. One wake-up sends every packet
+due within :data:`EARLY` of now, for every stream, slot by slot (within a slot in the order the
+streams were scheduled); each stream keeps its own phase and its absolute ``start + n * ptime``
+grid (the clock only asks a stream for its next due time, it never adds sleeps). A stream is
+anything with the two methods of :class:`Paced`.
+
+Why a wheel and not a heap of due times: scheduling is O(1) per packet (one dict insertion, no
+tuple per entry, no sift through hundreds of entries), and a cancelled stream is removed from
+its slot at once (no stale entries to skip or compact). The slots are keyed by absolute slot
+number (``int(due / SLOT)``), so a due time any distance ahead (a prebuffer wait, a long
+packet time) needs no overflow list; a small heap orders only the slot numbers in use (about
+one per millisecond of the longest packet time, not one per stream).
 
 No task is involved: the clock is a chain of ``loop.call_at`` handles that exists only while
 some stream is scheduled, so there is nothing to own or to cancel at shutdown beyond the
@@ -20,20 +28,24 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import logging
 import time
 import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["EARLY", "ClockStats", "Paced", "RtpClock"]
+__all__ = ["EARLY", "SLOT", "ClockStats", "Paced", "RtpClock"]
 
 log = logging.getLogger(__name__)
 
 EARLY = 0.001
 """Seconds ahead of its due time a packet may leave when the clock is awake anyway: batches
 wake-ups (at most one per millisecond) at the cost of sending up to this much early."""
+
+SLOT = 0.001
+"""Width of one slot of the timing wheel, in seconds (= :data:`EARLY`: a wake-up runs whole
+slots, and of the slot its horizon falls in, the streams due by then)."""
+_PER_SECOND = round(1 / SLOT)
 
 
 class Paced(Protocol):
@@ -66,9 +78,9 @@ class RtpClock:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._heap: list[tuple[float, int, Paced]] = []
-        self._entry: dict[Paced, int] = {}  # stream -> its live entry's sequence number
-        self._seq = itertools.count()
+        self._slots: dict[int, dict[Paced, float]] = {}  # slot number -> {stream: due}
+        self._numbers: list[int] = []  # heap of the keys of _slots (each once)
+        self._entry: dict[Paced, int] = {}  # stream -> the slot it is in
         self._handle: asyncio.TimerHandle | None = None
         self._armed_for = 0.0
         self._wakeups = self._callbacks = self._late = 0
@@ -85,21 +97,19 @@ class RtpClock:
 
     def schedule(self, stream: Paced, due: float) -> None:
         """Call ``stream.on_clock`` at ``due`` (monotonic seconds); replaces an earlier entry."""
-        seq = next(self._seq)
-        self._entry[stream] = seq
-        heapq.heappush(self._heap, (due, seq, stream))
-        if len(self._heap) > 4 * len(self._entry) + 64:
-            self._compact()
+        self._remove(stream)
+        self._add(stream, due)
         if self._handle is None or due < self._armed_for:
             self._arm(due)
 
     def cancel(self, stream: Paced) -> None:
-        """Forget ``stream`` (its heap entry is skipped when it comes up)."""
-        self._entry.pop(stream, None)
+        """Forget ``stream``."""
+        self._remove(stream)
         if not self._entry and self._handle is not None:
             self._handle.cancel()
             self._handle = None
-            self._heap.clear()
+            self._slots.clear()
+            self._numbers.clear()
 
     def stats(self) -> ClockStats:
         return ClockStats(
@@ -109,9 +119,22 @@ class RtpClock:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _compact(self) -> None:
-        self._heap = [e for e in self._heap if self._entry.get(e[2]) == e[1]]
-        heapq.heapify(self._heap)
+    def _add(self, stream: Paced, due: float) -> None:
+        number = int(due * _PER_SECOND)
+        slot = self._slots.get(number)
+        if slot is None:
+            self._slots[number] = slot = {}
+            heapq.heappush(self._numbers, number)
+        slot[stream] = due
+        self._entry[stream] = number
+
+    def _remove(self, stream: Paced) -> None:
+        number = self._entry.pop(stream, None)
+        if number is not None:
+            # an emptied slot is dropped when it comes up; a slot being run is out of _slots
+            slot = self._slots.get(number)
+            if slot is not None:
+                slot.pop(stream, None)
 
     def _arm(self, due: float) -> None:
         if self._handle is not None:
@@ -125,18 +148,38 @@ class RtpClock:
         self._handle = None
         now = time.monotonic()
         horizon = now + EARLY
-        heap, entry = self._heap, self._entry
         late = now - self._armed_for
         if late > 0.002:
             self._late += 1
         self._max_late = max(self._max_late, late)
         self._wakeups += 1
-        while heap and heap[0][0] <= horizon:
-            _due, seq, stream = heapq.heappop(heap)
-            if entry.get(stream) != seq:
-                continue  # replaced or cancelled
+        last = int(horizon * _PER_SECOND)  # the slot the horizon falls in: due only in part
+        slots, numbers = self._slots, self._numbers
+        while numbers and numbers[0] <= last:
+            number = heapq.heappop(numbers)
+            slot = slots.pop(number)
+            if number == last:
+                later = {s: due for s, due in slot.items() if due > horizon}
+                if later:
+                    slots[number] = later
+                    heapq.heappush(numbers, number)
+                self._run(number, [s for s in slot if s not in later], now, horizon)
+                break  # new entries land in this slot or later, all beyond the horizon
+            self._run(number, list(slot), now, horizon)
+        while numbers and not slots[numbers[0]]:
+            del slots[heapq.heappop(numbers)]  # emptied by cancellations
+        if numbers:
+            self._arm(min(slots[numbers[0]].values()))
+
+    def _run(self, number: int, streams: list[Paced], now: float, horizon: float) -> None:
+        """Call the streams of one slot; put each back at its next due time."""
+        entry, slots = self._entry, self._slots
+        floor = horizon + 1e-6
+        self._callbacks += len(streams)
+        for stream in streams:
+            if entry.get(stream) != number:
+                continue  # cancelled or moved by an earlier callback of this wake-up
             del entry[stream]
-            self._callbacks += 1
             try:
                 nxt = stream.on_clock(now, horizon)
             except Exception as exc:  # one broken stream must not stop the others
@@ -144,10 +187,13 @@ class RtpClock:
                 stream.on_clock_error(exc)
                 continue
             if nxt is not None and stream not in entry:
-                seq = next(self._seq)
-                entry[stream] = seq
-                heapq.heappush(heap, (max(nxt, horizon + 1e-6), seq, stream))
-        while heap and entry.get(heap[0][2]) != heap[0][1]:
-            heapq.heappop(heap)  # drop stale entries at the top before arming
-        if heap:
-            self._arm(heap[0][0])
+                if nxt < floor:
+                    nxt = floor
+                # _add, inline: once per packet
+                n = int(nxt * _PER_SECOND)
+                slot = slots.get(n)
+                if slot is None:
+                    slots[n] = slot = {}
+                    heapq.heappush(self._numbers, n)
+                slot[stream] = nxt
+                entry[stream] = n
