@@ -471,8 +471,12 @@ class RtpSink(BaseSink):
         epoch = self._epoch
         self._seg_written_in += int(samples.size)
         self._ending = False
-        out = samples if self._resampler is None else self._resample(samples)
-        await self._put(self._payloads(out), epoch)
+        data = self._encoded(samples if self._resampler is None else self._resample(samples))
+        count = len(data) // self._payload_size
+        if self._queue.queued + count <= self._max_packets:
+            self._enqueue(data, 0, count)  # room for all of it (the usual case): no await
+        else:
+            await self._put(data, count, epoch)
 
     def _try_write(self, samples: PCM16) -> bool:
         # Only without resampling: how many packets a frame completes must be known before
@@ -483,24 +487,25 @@ class RtpSink(BaseSink):
             if self._queue.queued + octets // self._payload_size <= self._max_packets:
                 self._seg_written_in += int(samples.size)
                 self._ending = False
-                self._enqueue(self._payloads(samples))
+                data = self._encoded(samples)
+                self._enqueue(data, 0, len(data) // self._payload_size)
                 return True
         return False  # _write would wait for room (or resample)
 
-    def _payloads(self, samples: PCM16) -> list[bytes]:
-        """Encode a frame in one codec call (G.711 and L16 are sample by sample, so encoding
-        before cutting is the same as after) and cut it into whole packets' payloads."""
+    def _encoded(self, samples: PCM16) -> bytes:
+        """A frame encoded in one codec call (G.711 and L16 are sample by sample, so encoding
+        before cutting is the same as after), as whole packets' payloads back to back; the
+        rest waits in ``_partial`` for the next frame."""
         data = self._partial + self._encode(samples) if self._partial else self._encode(samples)
-        size = self._payload_size
-        whole = len(data) - len(data) % size
+        whole = len(data) - len(data) % self._payload_size
         self._partial = data[whole:]
-        return [data[i : i + size] for i in range(0, whole, size)]
+        return data[:whole] if self._partial else data
 
-    async def _put(self, payloads: list[bytes], epoch: int, *, draining: bool = False) -> bool:
-        """Queue packets' audio, waiting for room as needed; False if interrupted meanwhile
-        (the rest of the frame is dropped)."""
+    async def _put(self, data: bytes, count: int, epoch: int, *, draining: bool = False) -> bool:
+        """Queue ``count`` packets' audio, waiting for room as needed; False if interrupted
+        meanwhile (the rest of the frame is dropped)."""
         queue, done = self._queue, 0
-        while done < len(payloads):
+        while done < count:
             room = self._max_packets - queue.queued
             if room <= 0:
                 # the channel wakes us at its low-water mark, on interrupt (clear), release and
@@ -512,27 +517,28 @@ class RtpSink(BaseSink):
                 if epoch != self._epoch:
                     return False
                 continue
-            self._enqueue(payloads[done : done + room])
+            room = min(room, count - done)
+            self._enqueue(data, done, room)
             done += room
         return True
 
     def _has_room(self) -> bool:
         return self._queue.queued < self._max_packets
 
-    def _enqueue(self, payloads: list[bytes]) -> None:
-        """Queue whole packets: each payload behind its header, built now (once per packet,
-        in the writer's turn, so that the clock's tick only sends). The sequence number and
-        timestamp follow on from what is queued (the next packet to send, plus the queue):
-        sending does not change that sum, and a talk spurt's timestamp jump rewrites the
-        headers queued before it (``_fix``)."""
-        if not payloads:
+    def _enqueue(self, data: bytes, first: int, count: int) -> None:
+        """Queue packets ``first`` to ``first + count`` of ``data``: each payload behind its
+        header, built now (once per packet, in the writer's turn, so that the clock's tick
+        only sends). The sequence number and timestamp follow on from what is queued (the
+        next packet to send, plus the queue): sending does not change that sum, and a talk
+        spurt's timestamp jump rewrites the headers queued before it (``_fix``)."""
+        if not count:
             return
         queue, pack, b1, ssrc, spp = self._queue, _HEADER, self._pt, self.ssrc, self._spp
-        queued = queue.queued
+        queued, size = queue.queued, self._payload_size
         seq, ts = (self._seq + queued) & 0xFFFF, (self._ts + queued * spp) & 0xFFFFFFFF
         packets = []
-        for payload in payloads:
-            packets.append(pack(_RTP_B0, b1, seq, ts, ssrc) + payload)
+        for i in range(first * size, (first + count) * size, size):
+            packets.append(pack(_RTP_B0, b1, seq, ts, ssrc) + data[i : i + size])
             seq, ts = (seq + 1) & 0xFFFF, (ts + spp) & 0xFFFFFFFF  # mod 2**16, 2**32
         queue.send_all_nowait(packets)  # the caller made room: never WouldBlock
         if not self._talking:  # a talk spurt under way is not idle already
@@ -550,13 +556,15 @@ class RtpSink(BaseSink):
         epoch = self._epoch
         self._ending = True
         self._kick()  # a spurt waiting to prebuffer starts now: no more audio is coming
+        size = self._payload_size
         if self._resampler is not None:
-            tail = self._resample(np.zeros(0, np.int16), last=True)
+            tail = self._encoded(self._resample(np.zeros(0, np.int16), last=True))
             self._resampler.clear()  # ready for the next talk spurt
-            await self._put(self._payloads(tail), epoch, draining=True)
+            await self._put(tail, len(tail) // size, epoch, draining=True)
         if self._partial:  # the last packet is padded with silence
-            missing = (self._payload_size - len(self._partial)) // self.codec.value[2]
-            await self._put(self._payloads(np.zeros(missing, np.int16)), epoch, draining=True)
+            pad = self._encoded(np.zeros((size - len(self._partial)) // self.codec.value[2],
+                                         np.int16))  # fmt: skip
+            await self._put(pad, 1, epoch, draining=True)
         seconds = self._queue.queued * self.ptime_ms / 1000
         await self._wait(self._idle.is_set, self._idle.wait, seconds + 5.0,
                          "the RTP queue to drain")  # fmt: skip
