@@ -195,9 +195,9 @@ class RtpSink(BaseSink):
     # (some 70 attributes, too many for a shared-keys dict: a hashed lookup per access).
     # Everything else stays in the dict (BaseSink has one).
     __slots__ = (
-        "_queue", "_take", "_send", "_fix", "_pt", "_seq", "_ts", "ssrc", "_spp", "_ptime",
+        "_queue", "_take", "_send", "_fix", "_pt", "_seq0", "_ts0", "ssrc", "_spp", "_ptime",
         "_spurt_start", "_spurt_packets", "_next_due", "_talking", "_marker_next",
-        "_packets_sent", "_partial", "_payload_size", "_encode", "_epoch", "_seg_written_in",
+        "_sent0", "_partial", "_payload_size", "_encode", "_epoch", "_seg_written_in",
         "_ending", "_resampler", "_max_packets", "_clock_error", "_idle", "_tasks", "_clock",
     )
 
@@ -241,8 +241,9 @@ class RtpSink(BaseSink):
             self.preferred_sample_rate = clock_rate  # None: any rate, sent as is
         self._payload_type = payload_type
         self.ssrc = secrets.randbits(32) if ssrc is None else ssrc
-        self._seq = secrets.randbelow(RTP_SEQ_MOD) if initial_sequence is None else initial_sequence
-        self._ts = secrets.randbits(32) if initial_timestamp is None else initial_timestamp
+        seq0, ts0 = initial_sequence, initial_timestamp  # of the first talk spurt (_init_pacing)
+        self._seq0 = secrets.randbelow(RTP_SEQ_MOD) if seq0 is None else seq0
+        self._ts0 = secrets.randbits(32) if ts0 is None else ts0
         self._buffer_ms = buffer_ms
         self._prebuffer_ms = prebuffer_ms
         self._prebuffer_packets = -(-prebuffer_ms // ptime_ms)
@@ -289,6 +290,9 @@ class RtpSink(BaseSink):
         self._ending = False  # drain() called: running dry now is the end, not an underrun
         self._gap_from: float | None = None  # monotonic time the RTP clock stopped sending
         self._spurt_start = 0.0
+        # _seq0, _ts0 and _sent0 are the RTP state at the start of the current (or last) talk
+        # spurt; with the packets sent in it they give the next sequence number, timestamp and
+        # the count of packets sent (_next_seq, _next_ts, _sent): a tick writes back one number
         self._spurt_packets = 0
         self._next_due = 0.0
         self._spp = self._pt = 0  # samples per packet, payload type and clock rate, fixed at
@@ -296,14 +300,14 @@ class RtpSink(BaseSink):
         self._ptime = self.ptime_ms / 1000  # seconds per packet (spp / rate, exactly)
 
     def _init_counters(self) -> None:
-        self._packets_sent = 0
+        self._sent0 = 0
         self._talk_spurts = 0
         self._rtcp_sent = 0
         # played-sample accounting in input samples: per segment (since the last drain or
         # interrupt), output samples sent are converted back with the rate ratio
         self._played_before = 0
         self._seg_written_in = 0
-        self._seg_from = 0  # _packets_sent when the segment began
+        self._seg_from = 0  # _sent() when the segment began
         self._write_lost = False
 
     # -- descriptive -------------------------------------------------------------------------
@@ -366,9 +370,9 @@ class RtpSink(BaseSink):
 
     def rtp_stats(self) -> RtpStats:
         return RtpStats(
-            ssrc=self.ssrc, packets_sent=self._packets_sent,
-            octets_sent=self._packets_sent * self._payload_size,  # every payload is whole
-            next_sequence_number=self._seq, next_timestamp=self._ts,
+            ssrc=self.ssrc, packets_sent=self._sent(),
+            octets_sent=self._sent() * self._payload_size,  # every payload is whole
+            next_sequence_number=self._next_seq(), next_timestamp=self._next_ts(),
             talk_spurts=self._talk_spurts, send_errors=self._send_errors,
             rtcp_packets_sent=self._rtcp_sent,
         )
@@ -534,8 +538,8 @@ class RtpSink(BaseSink):
         if not count:
             return
         queue, pack, b1, ssrc, spp = self._queue, _HEADER, self._pt, self.ssrc, self._spp
-        queued, size = queue.queued, self._payload_size
-        seq, ts = (self._seq + queued) & 0xFFFF, (self._ts + queued * spp) & 0xFFFFFFFF
+        ahead, size = self._spurt_packets + queue.queued, self._payload_size  # since _seq0
+        seq, ts = (self._seq0 + ahead) & 0xFFFF, (self._ts0 + ahead * spp) & 0xFFFFFFFF
         packets = []
         for i in range(first * size, (first + count) * size, size):
             packets.append(pack(_RTP_B0, b1, seq, ts, ssrc) + data[i : i + size])
@@ -578,7 +582,7 @@ class RtpSink(BaseSink):
             self._dropped_samples += self._seg_written_in - played
             self._write_lost = False
         self._played_before += played
-        self._seg_written_in, self._seg_from = 0, self._packets_sent
+        self._seg_written_in, self._seg_from = 0, self._sent()
         self._samples_played = self._played_before
 
     def _write_failed(self, samples: int) -> None:
@@ -590,7 +594,7 @@ class RtpSink(BaseSink):
         played = self._played_now()
         self._dropped_samples += self._seg_written_in - (played - self._played_before)
         self._played_before = self._samples_played = played
-        self._seg_written_in, self._seg_from = 0, self._packets_sent
+        self._seg_written_in, self._seg_from = 0, self._sent()
         self._write_lost = False
         self._queue.clear()  # wakes a writer blocked on a full queue: it drops the rest
         self._fix = 0
@@ -608,7 +612,7 @@ class RtpSink(BaseSink):
         self._queue.close()  # a writer blocked on a full queue wakes up and sees CLOSED
         self._unschedule()
         try:
-            if self._rtcp_transport is not None and self._packets_sent:
+            if self._rtcp_transport is not None and self._sent():
                 self._send_rtcp(bye=True)
             await self._tasks.aclose()
         finally:
@@ -644,9 +648,18 @@ class RtpSink(BaseSink):
         if not ready():
             raise Timeout(f"{what} ({self.name})", seconds)
 
+    def _next_seq(self) -> int:
+        return (self._seq0 + self._spurt_packets) % RTP_SEQ_MOD
+
+    def _next_ts(self) -> int:
+        return (self._ts0 + self._spurt_packets * self._spp) % RTP_TS_MOD
+
+    def _sent(self) -> int:
+        return self._sent0 + self._spurt_packets
+
     def _played_now(self) -> int:
         rate_in = self.format.sample_rate
-        sent_in = (self._packets_sent - self._seg_from) * self._spp * rate_in // self.clock_rate
+        sent_in = (self._sent() - self._seg_from) * self._spp * rate_in // self.clock_rate
         return self._played_before + min(self._seg_written_in, sent_in)
 
     # -- pacing: driven by the loop's RtpClock ----------------------------------------------
@@ -702,9 +715,6 @@ class RtpSink(BaseSink):
                 if due > horizon or not queue.queued:
                     break
             self._spurt_packets, self._next_due = n + sent, due
-            self._packets_sent += sent
-            self._seq = (self._seq + sent) & 0xFFFF
-            self._ts = (self._ts + sent * self._spp) & 0xFFFFFFFF
         if not queue.queued:
             self._stop_talking()
             return None
@@ -721,7 +731,8 @@ class RtpSink(BaseSink):
             if self._first_sample_at is None:  # the first packet ever: it leaves now
                 self._mark_first_sample()
                 self._sent_any.set()
-        seq, ts = (self._seq + k) & 0xFFFF, (self._ts + k * self._spp) & 0xFFFFFFFF
+        k += self._spurt_packets
+        seq, ts = (self._seq0 + k) & 0xFFFF, (self._ts0 + k * self._spp) & 0xFFFFFFFF
         return _HEADER(_RTP_B0, b1, seq, ts, self.ssrc) + packet[RTP_HEADER_SIZE:]
 
     def _start_spurt(self) -> bool:
@@ -738,7 +749,8 @@ class RtpSink(BaseSink):
             start = max(start, self._gap_from)
             # keep the RTP clock locked to real time across the silence (§5.1)
             jump = round((start - self._gap_from) * self._rate)
-            self._ts = (self._ts + jump) % RTP_TS_MOD
+        self._seq0, self._sent0 = self._next_seq(), self._sent()
+        self._ts0 = (self._next_ts() + jump) % RTP_TS_MOD
         # the marker goes on the first packet; after a jump every queued header is stale
         self._fix = self._queue.queued if jump else 1
         self._spurt_start, self._spurt_packets = start, 0
@@ -792,11 +804,11 @@ class RtpSink(BaseSink):
         # before the next: its timestamp and due time are one packet before the next's (a
         # talk spurt's timestamp jump keeps the same line, so this holds across silences).
         mono, wall = time.monotonic(), time.time()
-        last_ts, last_due = self._ts - self._spp, self._next_due - self._spp / self._rate
+        last_ts, last_due = self._next_ts() - self._spp, self._next_due - self._ptime
         rtp_ts = (last_ts + round((mono - last_due) * self.clock_rate)) % RTP_TS_MOD
+        sent = self._sent()
         sr = RtcpSenderReport(
-            self.ssrc, ntp_timestamp(wall), rtp_ts, self._packets_sent,
-            self._packets_sent * self._payload_size,
+            self.ssrc, ntp_timestamp(wall), rtp_ts, sent, sent * self._payload_size
         )
         data = sr.serialize() + rtcp_sdes_cname(self.ssrc, self._cname)
         if bye:

@@ -69,6 +69,19 @@ class ClockStats:
     max_wakeup_lateness_ms: float
 
 
+class _Entry:
+    """One stream's place on the wheel: the slot it is in (None once it is dead: cancelled,
+    replaced or run for the last time) and its due time. A slot lists entries, not streams,
+    so the tick checks and moves a stream through this small object alone."""
+
+    __slots__ = ("due", "slot", "stream")
+
+    def __init__(self, stream: Paced) -> None:
+        self.stream = stream
+        self.slot: int | None = None
+        self.due = 0.0
+
+
 class RtpClock:
     """The shared pacing timer of one event loop; get it with :meth:`for_loop`."""
 
@@ -78,9 +91,9 @@ class RtpClock:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._slots: dict[int, dict[Paced, float]] = {}  # slot number -> {stream: due}
+        self._slots: dict[int, list[_Entry]] = {}  # slot number -> entries (dead ones too)
         self._numbers: list[int] = []  # heap of the keys of _slots (each once)
-        self._entry: dict[Paced, int] = {}  # stream -> the slot it is in
+        self._entry: dict[Paced, _Entry] = {}  # stream -> its live entry
         self._handle: asyncio.TimerHandle | None = None
         self._armed_for = 0.0
         self._wakeups = self._callbacks = self._late = 0
@@ -97,14 +110,19 @@ class RtpClock:
 
     def schedule(self, stream: Paced, due: float) -> None:
         """Call ``stream.on_clock`` at ``due`` (monotonic seconds); replaces an earlier entry."""
-        self._remove(stream)
-        self._add(stream, due)
+        old = self._entry.get(stream)
+        if old is not None:
+            old.slot = None  # left in its slot, skipped when that comes up
+        entry = self._entry[stream] = _Entry(stream)
+        self._put(entry, due)
         if self._handle is None or due < self._armed_for:
             self._arm(due)
 
     def cancel(self, stream: Paced) -> None:
         """Forget ``stream``."""
-        self._remove(stream)
+        entry = self._entry.pop(stream, None)
+        if entry is not None:
+            entry.slot = None
         if not self._entry and self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -119,22 +137,14 @@ class RtpClock:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _add(self, stream: Paced, due: float) -> None:
+    def _put(self, entry: _Entry, due: float) -> None:
         number = int(due * _PER_SECOND)
         slot = self._slots.get(number)
         if slot is None:
-            self._slots[number] = slot = {}
+            self._slots[number] = slot = []
             heapq.heappush(self._numbers, number)
-        slot[stream] = due
-        self._entry[stream] = number
-
-    def _remove(self, stream: Paced) -> None:
-        number = self._entry.pop(stream, None)
-        if number is not None:
-            # an emptied slot is dropped when it comes up; a slot being run is out of _slots
-            slot = self._slots.get(number)
-            if slot is not None:
-                slot.pop(stream, None)
+        slot.append(entry)
+        entry.slot, entry.due = number, due
 
     def _arm(self, due: float) -> None:
         if self._handle is not None:
@@ -159,41 +169,58 @@ class RtpClock:
             number = heapq.heappop(numbers)
             slot = slots.pop(number)
             if number == last:
-                later = {s: due for s, due in slot.items() if due > horizon}
+                later = [e for e in slot if e.slot == number and e.due > horizon]
                 if later:
                     slots[number] = later
                     heapq.heappush(numbers, number)
-                self._run(number, [s for s in slot if s not in later], now, horizon)
+                self._run(number, slot, now, horizon)  # skips those not due yet
                 break  # new entries land in this slot or later, all beyond the horizon
-            self._run(number, list(slot), now, horizon)
-        while numbers and not slots[numbers[0]]:
-            del slots[heapq.heappop(numbers)]  # emptied by cancellations
-        if numbers:
-            self._arm(min(slots[numbers[0]].values()))
+            self._run(number, slot, now, horizon)
+        self._rearm()
 
-    def _run(self, number: int, streams: list[Paced], now: float, horizon: float) -> None:
-        """Call the streams of one slot; put each back at its next due time."""
-        entry, slots = self._entry, self._slots
+    def _rearm(self) -> None:
+        """Arm the timer at the earliest live due time (dropping slots with none)."""
+        slots, numbers = self._slots, self._numbers
+        while numbers:
+            number = numbers[0]
+            dues = [e.due for e in slots[number] if e.slot == number]
+            if dues:
+                self._arm(min(dues))
+                return
+            del slots[heapq.heappop(numbers)]
+
+    def _run(self, number: int, slot: list[_Entry], now: float, horizon: float) -> None:
+        """Call the due streams of one slot; put each back at its next due time."""
+        slots, calls = self._slots, 0
         floor = horizon + 1e-6
-        self._callbacks += len(streams)
-        for stream in streams:
-            if entry.get(stream) != number:
-                continue  # cancelled or moved by an earlier callback of this wake-up
-            del entry[stream]
+        for entry in slot:
+            if entry.slot != number or entry.due > horizon:
+                continue  # dead (cancelled, replaced), moved, or not due yet
+            calls += 1
+            stream = entry.stream
             try:
                 nxt = stream.on_clock(now, horizon)
             except Exception as exc:  # one broken stream must not stop the others
                 log.exception("RTP clock: stream %r failed", stream)
+                self._drop(entry)
                 stream.on_clock_error(exc)
                 continue
-            if nxt is not None and stream not in entry:
+            if nxt is None:
+                self._drop(entry)
+            elif entry.slot == number:  # still this entry (the callback did not reschedule)
                 if nxt < floor:
                     nxt = floor
-                # _add, inline: once per packet
+                # _put, inline: once per packet
                 n = int(nxt * _PER_SECOND)
-                slot = slots.get(n)
-                if slot is None:
-                    slots[n] = slot = {}
+                later = slots.get(n)
+                if later is None:
+                    slots[n] = later = []
                     heapq.heappush(self._numbers, n)
-                slot[stream] = nxt
-                entry[stream] = n
+                later.append(entry)
+                entry.slot, entry.due = n, nxt
+        self._callbacks += calls
+
+    def _drop(self, entry: _Entry) -> None:
+        if entry.slot is not None and self._entry.get(entry.stream) is entry:
+            del self._entry[entry.stream]
+        entry.slot = None
