@@ -41,6 +41,7 @@ import logging
 import random
 import secrets
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -198,7 +199,8 @@ class RtpSink(BaseSink):
         "_queue", "_take", "_send", "_fix", "_pt", "_seq0", "_ts0", "ssrc", "_spp", "_ptime",
         "_spurt_start", "_spurt_packets", "_next_due", "_talking", "_marker_next",
         "_sent0", "_partial", "_payload_size", "_encode", "_epoch", "_seg_written_in",
-        "_ending", "_resampler", "_max_packets", "_clock_error", "_idle", "_tasks", "_clock",
+        "_ending", "_resampler", "_pack", "_max_packets", "_clock_error", "_idle", "_tasks",
+        "_clock",
     )
 
     def __init__(
@@ -248,9 +250,11 @@ class RtpSink(BaseSink):
         self._prebuffer_ms = prebuffer_ms
         self._prebuffer_packets = -(-prebuffer_ms // ptime_ms)
         self._max_packets = buffer_ms // ptime_ms
-        # A writer blocked on a full queue is woken once the queue is down to half, not at
-        # every packet sent: one wake-up per half buffer instead of 50 per second.
-        self._low_water = self._max_packets - max(1, self._max_packets // 2)
+        # A writer blocked on a full queue is woken once the queue is down to a fifth (but at
+        # least 100 ms of audio, and at most half), not at every packet sent: one wake-up per
+        # 0.8 s of a 1 s buffer instead of 50 per second; each costs a task step and a timer.
+        half = self._max_packets - max(1, self._max_packets // 2)
+        self._low_water = min(half, max(self._max_packets // 5, -(-100 // ptime_ms)))
         self._session_id = secrets.randbits(31)
         self._encode = self.codec.encoder()
         self._tasks = OwnedTasks(self.name)
@@ -268,6 +272,7 @@ class RtpSink(BaseSink):
         self._resampler: soxr.ResampleStream | None = None
         self._partial = b""  # encoded audio short of a whole packet, waiting for more
         self._payload_size = 0  # octets per packet, known at open
+        self._pack: Callable[..., bytes] = RTP_HEADER.pack  # a packet's, set at open
         # the packets' payloads, received by the clock; closed for good at release (a sink is
         # opened once only)
         self._queue = Channel[bytes](self._max_packets, low_water=self._low_water)
@@ -423,6 +428,8 @@ class RtpSink(BaseSink):
             )
         self._spp, self._rate, self._pt = self.samples_per_packet, rate, self.payload_type
         self._payload_size = self._spp * self.codec.value[2]
+        # header and payload in one call: one allocation per packet
+        self._pack = struct.Struct(f"{RTP_HEADER.format}{self._payload_size}s").pack
         loop = asyncio.get_running_loop()
         try:
             if self._shared is not None:
@@ -537,12 +544,12 @@ class RtpSink(BaseSink):
         spurt's timestamp jump rewrites the headers queued before it (``_fix``)."""
         if not count:
             return
-        queue, pack, b1, ssrc, spp = self._queue, _HEADER, self._pt, self.ssrc, self._spp
+        queue, pack, b1, ssrc, spp = self._queue, self._pack, self._pt, self.ssrc, self._spp
         ahead, size = self._spurt_packets + queue.queued, self._payload_size  # since _seq0
         seq, ts = (self._seq0 + ahead) & 0xFFFF, (self._ts0 + ahead * spp) & 0xFFFFFFFF
         packets = []
         for i in range(first * size, (first + count) * size, size):
-            packets.append(pack(_RTP_B0, b1, seq, ts, ssrc) + data[i : i + size])
+            packets.append(pack(_RTP_B0, b1, seq, ts, ssrc, data[i : i + size]))
             seq, ts = (seq + 1) & 0xFFFF, (ts + spp) & 0xFFFFFFFF  # mod 2**16, 2**32
         queue.send_all_nowait(packets)  # the caller made room: never WouldBlock
         if not self._talking:  # a talk spurt under way is not idle already
