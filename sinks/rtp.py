@@ -7,10 +7,12 @@ sends every sink's due packets from one timer (no task or timer per sink). It se
 non-blocking UDP socket, written with ``send`` straight from the clock's tick (bound to
 ``local_addr`` if given: symmetric RTP), or through a datagram transport the caller owns
 (``transport``: a SIP call's media socket, which also receives the caller's RTP); ``redirect``
-moves the stream to a new address. Frames are encoded when written, so the tick only packs a
-header into one reused buffer and sends. The payloads wait in a count-bounded
+moves the stream to a new address. Frames are encoded and cut into whole packets (header and
+payload) when written, so the tick only takes a packet and sends it; only a talk spurt's first
+packet (its marker bit) and, after a silence, the packets queued before the spurt's timestamp
+jump was known get their header rewritten. The packets wait in a count-bounded
 :class:`~tts_stream.channel.Channel` the clock receives from (it wakes a writer blocked on a
-full queue at half the buffer). Boundary: sockets and asyncio UDP transports; imports
+full queue at a fifth of the buffer). Boundary: sockets and asyncio UDP transports; imports
 ``tts_stream.audio``, ``tts_stream.channel`` and ``tts_stream.errors`` only.
 The packet classes are re-exported here for compatibility.
 
