@@ -2,19 +2,21 @@
 
 Media servers keep hundreds of channels on their 20 ms grid by driving all of them from one
 timer, not one timer (or task) per channel. :class:`RtpClock` is that timer for asyncio: a
-timing wheel of 1 ms slots (a dict from slot number to the streams due in it, with their due
-times) and a single loop timer armed at the earliest due time. One wake-up sends every packet
-due within :data:`EARLY` of now, for every stream, slot by slot (within a slot in the order the
-streams were scheduled); each stream keeps its own phase and its absolute ``start + n * ptime``
-grid (the clock only asks a stream for its next due time, it never adds sleeps). A stream is
-anything with the two methods of :class:`Paced`.
+timing wheel of 1 ms slots (a dict from slot number to the entries of the streams due in it,
+each with its due time) and a single loop timer armed at the earliest due time. One wake-up
+sends every packet due within :data:`EARLY` of now, for every stream, slot by slot (within a
+slot in the order the streams were scheduled); each stream keeps its own phase and its
+absolute ``start + n * ptime`` grid (the clock only asks a stream for its next due time, it
+never adds sleeps). A stream is anything with the two methods of :class:`Paced`.
 
-Why a wheel and not a heap of due times: scheduling is O(1) per packet (one dict insertion, no
-tuple per entry, no sift through hundreds of entries), and a cancelled stream is removed from
-its slot at once (no stale entries to skip or compact). The slots are keyed by absolute slot
-number (``int(due / SLOT)``), so a due time any distance ahead (a prebuffer wait, a long
-packet time) needs no overflow list; a small heap orders only the slot numbers in use (about
-one per millisecond of the longest packet time, not one per stream).
+Why a wheel and not a heap of due times: scheduling is O(1) per packet (one list append and
+two attribute writes on the stream's entry: no tuple per packet, no sift through hundreds of
+entries, no lookup in a dict of all streams); a cancelled or replaced entry is marked dead
+and skipped when its slot comes up (a slot is dropped once run, so nothing accumulates). The
+slots are keyed by absolute slot number (``int(due / SLOT)``), so a due time any distance
+ahead (a prebuffer wait, a long packet time) needs no overflow list; a small heap orders only
+the slot numbers in use (about one per millisecond of the longest packet time, not one per
+stream).
 
 No task is involved: the clock is a chain of ``loop.call_at`` handles that exists only while
 some stream is scheduled, so there is nothing to own or to cancel at shutdown beyond the
