@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import RESULTS, JsonLines, environment, fmt_ms, run_loop, summarize
+from bench.common import RESULTS, JsonLines, environment, fmt_ms, proc_cpu_s, run_loop, summarize
 from sinks import RtpSink
 from sinks.rtp_clock import RtpClock
 from tts_stream.audio import AudioFormat, Frame
@@ -199,7 +199,11 @@ def one_run(
         if not parent.poll(30):
             raise TimeoutError("receiver did not start")
         port = parent.recv()
+        assert proc.pid is not None
+        rx_cpu0 = proc_cpu_s(proc.pid)
         sent = run_loop(send_streams(port, n, seconds, seed=seed, rate_in=rate_in), loop)
+        # the receiver's CPU over the same window: it competes with the sender for the cores
+        rx_cpu = proc_cpu_s(proc.pid) - rx_cpu0
         parent.send("stop")
         if not parent.poll(60):
             raise TimeoutError("receiver did not report")
@@ -234,6 +238,8 @@ def one_run(
         "max_abs_drift_ms": round(float(np.abs(last).max()), 3) if last.size else None,
         "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         **sent,
+        "receiver_cpu_pct": round(100 * rx_cpu / sent["wall_s"], 1),
+        "clock_wakeups_per_s": round(sent["clock_wakeups"] / sent["wall_s"]),
     }
 
 
@@ -295,15 +301,16 @@ def cost_run(loop: str, n: int) -> dict[str, Any]:
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         "| loop | streams | packets rx/expected | p50 ms | p99 ms | max ms | min ms "
-        "| last-packet drift ms | underruns | sender CPU % | input Hz | load 1 min |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| last-packet drift ms | underruns | sender CPU % | receiver CPU % | wake-ups/s "
+        "| input Hz | load 1 min |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows = [
         f"| {r['loop']} | {r['streams']} | {r['packets_received']}/{r['packets_expected']} "
         f"| {fmt_ms(r['deviation_ms']['p50'])} | {fmt_ms(r['deviation_ms']['p99'])} "
         f"| {fmt_ms(r['deviation_ms']['max'])} | {fmt_ms(r['min_deviation_ms'])} "
         f"| {fmt_ms(r['max_abs_drift_ms'])} | {r['underruns']} | {r['sender_cpu_pct']} "
-        f"| {r['input_rate']} "
+        f"| {r['receiver_cpu_pct']} | {r['clock_wakeups_per_s']} | {r['input_rate']} "
         f"| {r['loadavg_1min_before_after'][0]} |"
         for r in results
     ]
@@ -347,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                 out.write(r)
                 results.append(r)
                 print(f"{loop:8s} {n:4d} streams: p50 {r['deviation_ms']['p50']} ms, "
-                      f"p99 {r['deviation_ms']['p99']} ms, max {r['deviation_ms']['max']} ms",
+                      f"p99 {r['deviation_ms']['p99']} ms, max {r['deviation_ms']['max']} ms, "
+                      f"sender CPU {r['sender_cpu_pct']} %, receiver {r['receiver_cpu_pct']} %",
                       flush=True)  # fmt: skip
     print()
     print(table(results))

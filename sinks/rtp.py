@@ -7,10 +7,12 @@ sends every sink's due packets from one timer (no task or timer per sink). It se
 non-blocking UDP socket, written with ``send`` straight from the clock's tick (bound to
 ``local_addr`` if given: symmetric RTP), or through a datagram transport the caller owns
 (``transport``: a SIP call's media socket, which also receives the caller's RTP); ``redirect``
-moves the stream to a new address. Frames are encoded when written, so the tick only packs a
-header into one reused buffer and sends. The payloads wait in a count-bounded
+moves the stream to a new address. Frames are encoded and cut into whole packets (header and
+payload) when written, so the tick only takes a packet and sends it; only a talk spurt's first
+packet (its marker bit) and, after a silence, the packets queued before the spurt's timestamp
+jump was known get their header rewritten. The packets wait in a count-bounded
 :class:`~tts_stream.channel.Channel` the clock receives from (it wakes a writer blocked on a
-full queue at half the buffer). Boundary: sockets and asyncio UDP transports; imports
+full queue at a fifth of the buffer). Boundary: sockets and asyncio UDP transports; imports
 ``tts_stream.audio``, ``tts_stream.channel`` and ``tts_stream.errors`` only.
 The packet classes are re-exported here for compatibility.
 
@@ -41,6 +43,7 @@ import logging
 import random
 import secrets
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -96,6 +99,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _RTP_B0 = RTP_VERSION << 6  # no padding, no extension, no CSRC
+_HEADER = RTP_HEADER.pack
 
 @dataclass(frozen=True)
 class RtpStats:
@@ -189,6 +193,18 @@ class RtpSink(BaseSink):
 
     preferred_sample_rate: int | None = 8000
 
+    # What the clock's tick and the write path touch, in slots: a few cache lines of the
+    # object itself, read and written by offset, instead of entries of the instance dict
+    # (some 70 attributes, too many for a shared-keys dict: a hashed lookup per access).
+    # Everything else stays in the dict (BaseSink has one).
+    __slots__ = (
+        "_queue", "_take", "_send", "_fix", "_pt", "_seq0", "_ts0", "ssrc", "_spp", "_ptime",
+        "_spurt_start", "_spurt_packets", "_next_due", "_talking", "_marker_next",
+        "_sent0", "_partial", "_payload_size", "_encode", "_epoch", "_seg_written_in",
+        "_ending", "_resampler", "_pack", "_max_packets", "_clock_error", "_idle", "_tasks",
+        "_clock",
+    )
+
     def __init__(
         self,
         host: str,
@@ -229,15 +245,18 @@ class RtpSink(BaseSink):
             self.preferred_sample_rate = clock_rate  # None: any rate, sent as is
         self._payload_type = payload_type
         self.ssrc = secrets.randbits(32) if ssrc is None else ssrc
-        self._seq = secrets.randbelow(RTP_SEQ_MOD) if initial_sequence is None else initial_sequence
-        self._ts = secrets.randbits(32) if initial_timestamp is None else initial_timestamp
+        seq0, ts0 = initial_sequence, initial_timestamp  # of the first talk spurt (_init_pacing)
+        self._seq0 = secrets.randbelow(RTP_SEQ_MOD) if seq0 is None else seq0
+        self._ts0 = secrets.randbits(32) if ts0 is None else ts0
         self._buffer_ms = buffer_ms
         self._prebuffer_ms = prebuffer_ms
         self._prebuffer_packets = -(-prebuffer_ms // ptime_ms)
         self._max_packets = buffer_ms // ptime_ms
-        # A writer blocked on a full queue is woken once the queue is down to half, not at
-        # every packet sent: one wake-up per half buffer instead of 50 per second.
-        self._low_water = self._max_packets - max(1, self._max_packets // 2)
+        # A writer blocked on a full queue is woken once the queue is down to a fifth (but at
+        # least 100 ms of audio, and at most half), not at every packet sent: one wake-up per
+        # 0.8 s of a 1 s buffer instead of 50 per second; each costs a task step and a timer.
+        half = self._max_packets - max(1, self._max_packets // 2)
+        self._low_water = min(half, max(self._max_packets // 5, -(-100 // ptime_ms)))
         self._session_id = secrets.randbits(31)
         self._encode = self.codec.encoder()
         self._tasks = OwnedTasks(self.name)
@@ -250,48 +269,52 @@ class RtpSink(BaseSink):
     def _init_io(self) -> None:
         self._sock: socket.socket | None = None  # our own socket (no ``transport=``)
         self._send: Callable[[bytes | bytearray], object] | None = None
-        self._send_copies = False  # a transport may keep the buffer: send a copy
         self._send_errors = 0
         self._rtcp_transport: asyncio.DatagramTransport | None = None
         self._resampler: soxr.ResampleStream | None = None
         self._partial = b""  # encoded audio short of a whole packet, waiting for more
         self._payload_size = 0  # octets per packet, known at open
-        self._packet = bytearray()  # the one buffer every packet is built in (header+payload)
+        self._pack: Callable[..., bytes] = RTP_HEADER.pack  # a packet's, set at open
         # the packets' payloads, received by the clock; closed for good at release (a sink is
         # opened once only)
         self._queue = Channel[bytes](self._max_packets, low_water=self._low_water)
+        self._take = self._queue.receive_nowait  # bound once: the clock's tick calls it
         self._idle = asyncio.Event()  # the queue is empty and the pacer has stopped talking
         self._sent_any = asyncio.Event()
 
     def _init_pacing(self) -> None:
         self._clock: RtpClock | None = None
         self._clock_error: Exception | None = None
-        self._scheduled = False
         self._prebuffer_until: float | None = None
         self._spurt_due = 0.0  # when the next talk spurt was asked to start
         self._epoch = 0  # bumped by interrupt(): a sleeping pacer or writer sees it changed
         self._talking = False
         self._marker_next = True
+        # queued packets whose header is rewritten when sent: the first of a talk spurt (its
+        # marker bit) or, after a silence, every packet queued before the spurt's timestamp
+        # jump was known (their headers were built without it)
+        self._fix = 0
         self._ending = False  # drain() called: running dry now is the end, not an underrun
         self._gap_from: float | None = None  # monotonic time the RTP clock stopped sending
         self._spurt_start = 0.0
+        # _seq0, _ts0 and _sent0 are the RTP state at the start of the current (or last) talk
+        # spurt; with the packets sent in it they give the next sequence number, timestamp and
+        # the count of packets sent (_next_seq, _next_ts, _sent): a tick writes back one number
         self._spurt_packets = 0
         self._next_due = 0.0
-        self._last_due = 0.0
-        self._last_ts = self._ts
         self._spp = self._pt = 0  # samples per packet, payload type and clock rate, fixed at
-        self._rate = 1  # open (read once per tick on the hot path)
+        self._rate = 1  # open
+        self._ptime = self.ptime_ms / 1000  # seconds per packet (spp / rate, exactly)
 
     def _init_counters(self) -> None:
-        self._packets_sent = 0
-        self._octets_sent = 0
+        self._sent0 = 0
         self._talk_spurts = 0
         self._rtcp_sent = 0
         # played-sample accounting in input samples: per segment (since the last drain or
         # interrupt), output samples sent are converted back with the rate ratio
         self._played_before = 0
         self._seg_written_in = 0
-        self._seg_sent_out = 0
+        self._seg_from = 0  # _sent() when the segment began
         self._write_lost = False
 
     # -- descriptive -------------------------------------------------------------------------
@@ -354,8 +377,9 @@ class RtpSink(BaseSink):
 
     def rtp_stats(self) -> RtpStats:
         return RtpStats(
-            ssrc=self.ssrc, packets_sent=self._packets_sent, octets_sent=self._octets_sent,
-            next_sequence_number=self._seq, next_timestamp=self._ts,
+            ssrc=self.ssrc, packets_sent=self._sent(),
+            octets_sent=self._sent() * self._payload_size,  # every payload is whole
+            next_sequence_number=self._next_seq(), next_timestamp=self._next_ts(),
             talk_spurts=self._talk_spurts, send_errors=self._send_errors,
             rtcp_packets_sent=self._rtcp_sent,
         )
@@ -406,11 +430,12 @@ class RtpSink(BaseSink):
             )
         self._spp, self._rate, self._pt = self.samples_per_packet, rate, self.payload_type
         self._payload_size = self._spp * self.codec.value[2]
-        self._packet = bytearray(RTP_HEADER_SIZE + self._payload_size)
+        # header and payload in one call: one allocation per packet
+        self._pack = struct.Struct(f"{RTP_HEADER.format}{self._payload_size}s").pack
         loop = asyncio.get_running_loop()
         try:
             if self._shared is not None:
-                self._send, self._send_copies = self._shared_sender(self._shared), True
+                self._send = self._shared_sender(self._shared)
             else:
                 self._sock = await self._own_socket(loop)
                 self._send = self._sock.send
@@ -459,8 +484,12 @@ class RtpSink(BaseSink):
         epoch = self._epoch
         self._seg_written_in += int(samples.size)
         self._ending = False
-        out = samples if self._resampler is None else self._resample(samples)
-        await self._put(self._payloads(out), epoch)
+        data = self._encoded(samples if self._resampler is None else self._resample(samples))
+        count = len(data) // self._payload_size
+        if self._queue.queued + count <= self._max_packets:
+            self._enqueue(data, 0, count)  # room for all of it (the usual case): no await
+        else:
+            await self._put(data, count, epoch)
 
     def _try_write(self, samples: PCM16) -> bool:
         # Only without resampling: how many packets a frame completes must be known before
@@ -471,24 +500,25 @@ class RtpSink(BaseSink):
             if self._queue.queued + octets // self._payload_size <= self._max_packets:
                 self._seg_written_in += int(samples.size)
                 self._ending = False
-                self._enqueue(self._payloads(samples))
+                data = self._encoded(samples)
+                self._enqueue(data, 0, len(data) // self._payload_size)
                 return True
         return False  # _write would wait for room (or resample)
 
-    def _payloads(self, samples: PCM16) -> list[bytes]:
-        """Encode a frame in one codec call (G.711 and L16 are sample by sample, so encoding
-        before cutting is the same as after) and cut it into whole packets' payloads."""
+    def _encoded(self, samples: PCM16) -> bytes:
+        """A frame encoded in one codec call (G.711 and L16 are sample by sample, so encoding
+        before cutting is the same as after), as whole packets' payloads back to back; the
+        rest waits in ``_partial`` for the next frame."""
         data = self._partial + self._encode(samples) if self._partial else self._encode(samples)
-        size = self._payload_size
-        whole = len(data) - len(data) % size
+        whole = len(data) - len(data) % self._payload_size
         self._partial = data[whole:]
-        return [data[i : i + size] for i in range(0, whole, size)]
+        return data[:whole] if self._partial else data
 
-    async def _put(self, payloads: list[bytes], epoch: int, *, draining: bool = False) -> bool:
-        """Queue packets' audio, waiting for room as needed; False if interrupted meanwhile
-        (the rest of the frame is dropped)."""
+    async def _put(self, data: bytes, count: int, epoch: int, *, draining: bool = False) -> bool:
+        """Queue ``count`` packets' audio, waiting for room as needed; False if interrupted
+        meanwhile (the rest of the frame is dropped)."""
         queue, done = self._queue, 0
-        while done < len(payloads):
+        while done < count:
             room = self._max_packets - queue.queued
             if room <= 0:
                 # the channel wakes us at its low-water mark, on interrupt (clear), release and
@@ -500,16 +530,31 @@ class RtpSink(BaseSink):
                 if epoch != self._epoch:
                     return False
                 continue
-            self._enqueue(payloads[done : done + room])
+            room = min(room, count - done)
+            self._enqueue(data, done, room)
             done += room
         return True
 
     def _has_room(self) -> bool:
         return self._queue.queued < self._max_packets
 
-    def _enqueue(self, payloads: list[bytes]) -> None:
-        if payloads:
-            self._queue.send_all_nowait(payloads)  # the caller made room: never WouldBlock
+    def _enqueue(self, data: bytes, first: int, count: int) -> None:
+        """Queue packets ``first`` to ``first + count`` of ``data``: each payload behind its
+        header, built now (once per packet, in the writer's turn, so that the clock's tick
+        only sends). The sequence number and timestamp follow on from what is queued (the
+        next packet to send, plus the queue): sending does not change that sum, and a talk
+        spurt's timestamp jump rewrites the headers queued before it (``_fix``)."""
+        if not count:
+            return
+        queue, pack, b1, ssrc, spp = self._queue, self._pack, self._pt, self.ssrc, self._spp
+        ahead, size = self._spurt_packets + queue.queued, self._payload_size  # since _seq0
+        seq, ts = (self._seq0 + ahead) & 0xFFFF, (self._ts0 + ahead * spp) & 0xFFFFFFFF
+        packets = []
+        for i in range(first * size, (first + count) * size, size):
+            packets.append(pack(_RTP_B0, b1, seq, ts, ssrc, data[i : i + size]))
+            seq, ts = (seq + 1) & 0xFFFF, (ts + spp) & 0xFFFFFFFF  # mod 2**16, 2**32
+        queue.send_all_nowait(packets)  # the caller made room: never WouldBlock
+        if not self._talking:  # a talk spurt under way is not idle already
             self._idle.clear()
             self._kick()
 
@@ -524,13 +569,15 @@ class RtpSink(BaseSink):
         epoch = self._epoch
         self._ending = True
         self._kick()  # a spurt waiting to prebuffer starts now: no more audio is coming
+        size = self._payload_size
         if self._resampler is not None:
-            tail = self._resample(np.zeros(0, np.int16), last=True)
+            tail = self._encoded(self._resample(np.zeros(0, np.int16), last=True))
             self._resampler.clear()  # ready for the next talk spurt
-            await self._put(self._payloads(tail), epoch, draining=True)
+            await self._put(tail, len(tail) // size, epoch, draining=True)
         if self._partial:  # the last packet is padded with silence
-            missing = (self._payload_size - len(self._partial)) // self.codec.value[2]
-            await self._put(self._payloads(np.zeros(missing, np.int16)), epoch, draining=True)
+            pad = self._encoded(np.zeros((size - len(self._partial)) // self.codec.value[2],
+                                         np.int16))  # fmt: skip
+            await self._put(pad, 1, epoch, draining=True)
         seconds = self._queue.queued * self.ptime_ms / 1000
         await self._wait(self._idle.is_set, self._idle.wait, seconds + 5.0,
                          "the RTP queue to drain")  # fmt: skip
@@ -544,7 +591,7 @@ class RtpSink(BaseSink):
             self._dropped_samples += self._seg_written_in - played
             self._write_lost = False
         self._played_before += played
-        self._seg_written_in = self._seg_sent_out = 0
+        self._seg_written_in, self._seg_from = 0, self._sent()
         self._samples_played = self._played_before
 
     def _write_failed(self, samples: int) -> None:
@@ -556,9 +603,10 @@ class RtpSink(BaseSink):
         played = self._played_now()
         self._dropped_samples += self._seg_written_in - (played - self._played_before)
         self._played_before = self._samples_played = played
-        self._seg_written_in = self._seg_sent_out = 0
+        self._seg_written_in, self._seg_from = 0, self._sent()
         self._write_lost = False
         self._queue.clear()  # wakes a writer blocked on a full queue: it drops the rest
+        self._fix = 0
         self._partial = b""
         if self._resampler is not None:
             self._resampler.clear()
@@ -573,7 +621,7 @@ class RtpSink(BaseSink):
         self._queue.close()  # a writer blocked on a full queue wakes up and sees CLOSED
         self._unschedule()
         try:
-            if self._rtcp_transport is not None and self._packets_sent:
+            if self._rtcp_transport is not None and self._sent():
                 self._send_rtcp(bye=True)
             await self._tasks.aclose()
         finally:
@@ -609,9 +657,18 @@ class RtpSink(BaseSink):
         if not ready():
             raise Timeout(f"{what} ({self.name})", seconds)
 
+    def _next_seq(self) -> int:
+        return (self._seq0 + self._spurt_packets) % RTP_SEQ_MOD
+
+    def _next_ts(self) -> int:
+        return (self._ts0 + self._spurt_packets * self._spp) % RTP_TS_MOD
+
+    def _sent(self) -> int:
+        return self._sent0 + self._spurt_packets
+
     def _played_now(self) -> int:
         rate_in = self.format.sample_rate
-        sent_in = self._seg_sent_out * rate_in // self.clock_rate
+        sent_in = (self._sent() - self._seg_from) * self._spp * rate_in // self.clock_rate
         return self._played_before + min(self._seg_written_in, sent_in)
 
     # -- pacing: driven by the loop's RtpClock ----------------------------------------------
@@ -630,31 +687,62 @@ class RtpSink(BaseSink):
             self._prebuffer_until = due = now + self._prebuffer_ms / 1000
         else:
             return  # already waiting for the prebuffer
-        self._scheduled = True
         self._spurt_due = due
         self._clock.schedule(self, due)
 
     def _unschedule(self) -> None:
         self._prebuffer_until = None
-        if self._scheduled and self._clock is not None:
-            self._clock.cancel(self)
-        self._scheduled = False
+        if self._clock is not None:
+            self._clock.cancel(self)  # a dict lookup if it was not scheduled
 
     def on_clock(self, now: float, horizon: float) -> float | None:
-        """Called by the clock: send every packet due up to ``horizon``; the next due time."""
-        self._scheduled = False
+        """Called by the clock: send every packet due up to ``horizon``; the next due time.
+
+        The hot path (50 calls a second per stream, one packet each): a queued packet is
+        complete (header and payload, built when written), so a tick takes it and sends it
+        with one system call; the state it reads is in slots, and it is written back once."""
         if not self._talking and not self._start_spurt():
             return None
         due = self._next_due
         if due < now - _MAX_CATCH_UP:
             due = self._reanchor(now, due)
-        if due <= horizon and self._queue.queued:
-            due = self._send_due(due, horizon)  # wakes a blocked writer at the low-water mark
-        if not self._queue.queued:
+        queue = self._queue
+        if due <= horizon and queue.queued:
+            send, take = self._send, self._take
+            assert send is not None
+            start, n, ptime, sent = self._spurt_start, self._spurt_packets, self._ptime, 0
+            while True:
+                packet = take()  # wakes a blocked writer at the low-water mark
+                if self._fix:
+                    packet = self._fixed(packet, sent)
+                try:
+                    send(packet)
+                except OSError as exc:  # ICMP unreachable reported on this send, or a full buffer
+                    self._send_failed(exc)
+                sent += 1
+                due = start + (n + sent) * ptime  # absolute: start + n * ptime, never a sum
+                if due > horizon or not queue.queued:
+                    break
+            self._spurt_packets, self._next_due = n + sent, due
+        if not queue.queued:
             self._stop_talking()
             return None
-        self._scheduled = True
         return due
+
+    def _fixed(self, packet: bytes, k: int) -> bytes:
+        """``packet`` (the ``k``-th of this tick) with its header rewritten: the marker bit
+        on a talk spurt's first packet, the timestamp of the spurt (after a silence)."""
+        self._fix -= 1
+        b1 = self._pt
+        if self._marker_next:
+            b1 |= 0x80
+            self._marker_next = False
+            if self._first_sample_at is None:  # the first packet ever: it leaves now
+                self._mark_first_sample()
+                self._sent_any.set()
+        k += self._spurt_packets
+        seq, ts = (self._seq0 + k) & 0xFFFF, (self._ts0 + k * self._spp) & 0xFFFFFFFF
+        return _HEADER(_RTP_B0, b1, seq, ts, self.ssrc) + packet[RTP_HEADER_SIZE:]
 
     def _start_spurt(self) -> bool:
         """Begin a talk spurt if there is audio; False (and idle) if there is none."""
@@ -665,11 +753,15 @@ class RtpSink(BaseSink):
         # The spurt starts when it was due, not when the clock got round to it: a clock
         # woken late (a busy loop) catches up instead of moving every stream that started
         # meanwhile onto the same phase (lock-step streams make bursty work).
-        start = self._spurt_due
+        start, jump = self._spurt_due, 0
         if self._gap_from is not None:
             start = max(start, self._gap_from)
             # keep the RTP clock locked to real time across the silence (§5.1)
-            self._ts = (self._ts + round((start - self._gap_from) * self._rate)) % RTP_TS_MOD
+            jump = round((start - self._gap_from) * self._rate)
+        self._seq0, self._sent0 = self._next_seq(), self._sent()
+        self._ts0 = (self._next_ts() + jump) % RTP_TS_MOD
+        # the marker goes on the first packet; after a jump every queued header is stale
+        self._fix = self._queue.queued if jump else 1
         self._spurt_start, self._spurt_packets = start, 0
         self._next_due = start
         self._talking, self._marker_next = True, True
@@ -685,40 +777,6 @@ class RtpSink(BaseSink):
         self._spurt_start += shift
         self._next_due = due + shift
         return self._next_due
-
-    def _send_due(self, due: float, horizon: float) -> float:
-        """The hot path (50 packets/s per stream): every due packet is built in one buffer
-        (fixed header packed in place, the payload encoded at write time copied behind it)
-        and sent with one system call; the counters are written back once per tick."""
-        queue, packet, send, pack_into = self._queue, self._packet, self._send, RTP_HEADER.pack_into
-        take = queue.receive_nowait
-        assert send is not None
-        b1 = self._pt | (0x80 if self._marker_next else 0)
-        seq, ts, ssrc, spp, rate = self._seq, self._ts, self.ssrc, self._spp, self._rate
-        start, n, sent = self._spurt_start, self._spurt_packets, 0
-        copies = self._send_copies
-        while queue.queued and due <= horizon:
-            pack_into(packet, 0, _RTP_B0, b1, seq, ts, ssrc)
-            packet[RTP_HEADER_SIZE:] = take()
-            try:
-                send(bytes(packet) if copies else packet)
-            except OSError as exc:  # ICMP unreachable reported on this send, or a full buffer
-                self._send_failed(exc)
-            b1 &= 0x7F
-            self._last_due, self._last_ts = due, ts
-            seq, ts = (seq + 1) % RTP_SEQ_MOD, (ts + spp) % RTP_TS_MOD
-            n += 1
-            sent += 1
-            due = start + n * spp / rate  # absolute: start + n * ptime, never a sum
-        self._seq, self._ts, self._spurt_packets, self._next_due = seq, ts, n, due
-        self._marker_next = False
-        self._packets_sent += sent
-        self._octets_sent += sent * self._payload_size
-        self._seg_sent_out += sent * spp
-        if self._first_sample_at is None:
-            self._mark_first_sample()
-            self._sent_any.set()
-        return due
 
     def _send_failed(self, exc: OSError) -> None:
         # ICMP port unreachable shows up on the next send; RTP keeps going (the receiver may
@@ -736,7 +794,6 @@ class RtpSink(BaseSink):
         self._idle.set()
 
     def on_clock_error(self, exc: Exception) -> None:
-        self._scheduled = False
         self._clock_error = exc
         self._queue.close()  # the receiver is gone: a blocked writer wakes up and sees the error
         self._idle.set()
@@ -752,11 +809,15 @@ class RtpSink(BaseSink):
         if self._rtcp_transport is None:
             return
         # NTP time is wall-clock by definition; the RTP timestamp is extrapolated from the
-        # last packet's sampling instant to the same moment (§6.4.1).
+        # last packet's sampling instant to the same moment (§6.4.1). That packet is the one
+        # before the next: its timestamp and due time are one packet before the next's (a
+        # talk spurt's timestamp jump keeps the same line, so this holds across silences).
         mono, wall = time.monotonic(), time.time()
-        rtp_ts = (self._last_ts + round((mono - self._last_due) * self.clock_rate)) % RTP_TS_MOD
+        last_ts, last_due = self._next_ts() - self._spp, self._next_due - self._ptime
+        rtp_ts = (last_ts + round((mono - last_due) * self.clock_rate)) % RTP_TS_MOD
+        sent = self._sent()
         sr = RtcpSenderReport(
-            self.ssrc, ntp_timestamp(wall), rtp_ts, self._packets_sent, self._octets_sent
+            self.ssrc, ntp_timestamp(wall), rtp_ts, sent, sent * self._payload_size
         )
         data = sr.serialize() + rtcp_sdes_cname(self.ssrc, self._cname)
         if bye:

@@ -1,12 +1,22 @@
 """One pacing scheduler per event loop for every :class:`~sinks.RtpSink` on it.
 
 Media servers keep hundreds of channels on their 20 ms grid by driving all of them from one
-timer, not one timer (or task) per channel. :class:`RtpClock` is that timer for asyncio: a heap
-of ``(due, stream)`` entries and a single loop timer armed at the earliest due time. One
-wake-up sends every packet due within :data:`EARLY` of now, for every stream, in due order;
-each stream keeps its own phase and its absolute ``start + n * ptime`` grid (the clock only
-asks a stream for its next due time, it never adds sleeps). A stream is anything with the two
-methods of :class:`Paced`.
+timer, not one timer (or task) per channel. :class:`RtpClock` is that timer for asyncio: a
+timing wheel of 1 ms slots (a dict from slot number to the entries of the streams due in it,
+each with its due time) and a single loop timer armed at the earliest due time. One wake-up
+sends every packet due within :data:`EARLY` of now, for every stream, slot by slot (within a
+slot in the order the streams were scheduled); each stream keeps its own phase and its
+absolute ``start + n * ptime`` grid (the clock only asks a stream for its next due time, it
+never adds sleeps). A stream is anything with the two methods of :class:`Paced`.
+
+Why a wheel and not a heap of due times: scheduling is O(1) per packet (one list append and
+two attribute writes on the stream's entry: no tuple per packet, no sift through hundreds of
+entries, no lookup in a dict of all streams); a cancelled or replaced entry is marked dead
+and skipped when its slot comes up (a slot is dropped once run, so nothing accumulates). The
+slots are keyed by absolute slot number (``int(due / SLOT)``), so a due time any distance
+ahead (a prebuffer wait, a long packet time) needs no overflow list; a small heap orders only
+the slot numbers in use (about one per millisecond of the longest packet time, not one per
+stream).
 
 No task is involved: the clock is a chain of ``loop.call_at`` handles that exists only while
 some stream is scheduled, so there is nothing to own or to cancel at shutdown beyond the
@@ -20,20 +30,24 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import logging
 import time
 import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["EARLY", "ClockStats", "Paced", "RtpClock"]
+__all__ = ["EARLY", "SLOT", "ClockStats", "Paced", "RtpClock"]
 
 log = logging.getLogger(__name__)
 
 EARLY = 0.001
 """Seconds ahead of its due time a packet may leave when the clock is awake anyway: batches
 wake-ups (at most one per millisecond) at the cost of sending up to this much early."""
+
+SLOT = 0.001
+"""Width of one slot of the timing wheel, in seconds (= :data:`EARLY`: a wake-up runs whole
+slots, and of the slot its horizon falls in, the streams due by then)."""
+_PER_SECOND = round(1 / SLOT)
 
 
 class Paced(Protocol):
@@ -57,6 +71,19 @@ class ClockStats:
     max_wakeup_lateness_ms: float
 
 
+class _Entry:
+    """One stream's place on the wheel: the slot it is in (None once it is dead: cancelled,
+    replaced or run for the last time) and its due time. A slot lists entries, not streams,
+    so the tick checks and moves a stream through this small object alone."""
+
+    __slots__ = ("due", "slot", "stream")
+
+    def __init__(self, stream: Paced) -> None:
+        self.stream = stream
+        self.slot: int | None = None
+        self.due = 0.0
+
+
 class RtpClock:
     """The shared pacing timer of one event loop; get it with :meth:`for_loop`."""
 
@@ -66,9 +93,9 @@ class RtpClock:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._heap: list[tuple[float, int, Paced]] = []
-        self._entry: dict[Paced, int] = {}  # stream -> its live entry's sequence number
-        self._seq = itertools.count()
+        self._slots: dict[int, list[_Entry]] = {}  # slot number -> entries (dead ones too)
+        self._numbers: list[int] = []  # heap of the keys of _slots (each once)
+        self._entry: dict[Paced, _Entry] = {}  # stream -> its live entry
         self._handle: asyncio.TimerHandle | None = None
         self._armed_for = 0.0
         self._wakeups = self._callbacks = self._late = 0
@@ -85,21 +112,24 @@ class RtpClock:
 
     def schedule(self, stream: Paced, due: float) -> None:
         """Call ``stream.on_clock`` at ``due`` (monotonic seconds); replaces an earlier entry."""
-        seq = next(self._seq)
-        self._entry[stream] = seq
-        heapq.heappush(self._heap, (due, seq, stream))
-        if len(self._heap) > 4 * len(self._entry) + 64:
-            self._compact()
+        old = self._entry.get(stream)
+        if old is not None:
+            old.slot = None  # left in its slot, skipped when that comes up
+        entry = self._entry[stream] = _Entry(stream)
+        self._put(entry, due)
         if self._handle is None or due < self._armed_for:
             self._arm(due)
 
     def cancel(self, stream: Paced) -> None:
-        """Forget ``stream`` (its heap entry is skipped when it comes up)."""
-        self._entry.pop(stream, None)
+        """Forget ``stream``."""
+        entry = self._entry.pop(stream, None)
+        if entry is not None:
+            entry.slot = None
         if not self._entry and self._handle is not None:
             self._handle.cancel()
             self._handle = None
-            self._heap.clear()
+            self._slots.clear()
+            self._numbers.clear()
 
     def stats(self) -> ClockStats:
         return ClockStats(
@@ -109,9 +139,14 @@ class RtpClock:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _compact(self) -> None:
-        self._heap = [e for e in self._heap if self._entry.get(e[2]) == e[1]]
-        heapq.heapify(self._heap)
+    def _put(self, entry: _Entry, due: float) -> None:
+        number = int(due * _PER_SECOND)
+        slot = self._slots.get(number)
+        if slot is None:
+            self._slots[number] = slot = []
+            heapq.heappush(self._numbers, number)
+        slot.append(entry)
+        entry.slot, entry.due = number, due
 
     def _arm(self, due: float) -> None:
         if self._handle is not None:
@@ -125,29 +160,69 @@ class RtpClock:
         self._handle = None
         now = time.monotonic()
         horizon = now + EARLY
-        heap, entry = self._heap, self._entry
         late = now - self._armed_for
         if late > 0.002:
             self._late += 1
         self._max_late = max(self._max_late, late)
         self._wakeups += 1
-        while heap and heap[0][0] <= horizon:
-            _due, seq, stream = heapq.heappop(heap)
-            if entry.get(stream) != seq:
-                continue  # replaced or cancelled
-            del entry[stream]
-            self._callbacks += 1
+        last = int(horizon * _PER_SECOND)  # the slot the horizon falls in: due only in part
+        slots, numbers = self._slots, self._numbers
+        while numbers and numbers[0] <= last:
+            number = heapq.heappop(numbers)
+            slot = slots.pop(number)
+            if number == last:
+                later = [e for e in slot if e.slot == number and e.due > horizon]
+                if later:
+                    slots[number] = later
+                    heapq.heappush(numbers, number)
+                self._run(number, slot, now, horizon)  # skips those not due yet
+                break  # new entries land in this slot or later, all beyond the horizon
+            self._run(number, slot, now, horizon)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """Arm the timer at the earliest live due time (dropping slots with none)."""
+        slots, numbers = self._slots, self._numbers
+        while numbers:
+            number = numbers[0]
+            dues = [e.due for e in slots[number] if e.slot == number]
+            if dues:
+                self._arm(min(dues))
+                return
+            del slots[heapq.heappop(numbers)]
+
+    def _run(self, number: int, slot: list[_Entry], now: float, horizon: float) -> None:
+        """Call the due streams of one slot; put each back at its next due time."""
+        slots, calls = self._slots, 0
+        floor = horizon + 1e-6
+        for entry in slot:
+            if entry.slot != number or entry.due > horizon:
+                continue  # dead (cancelled, replaced), moved, or not due yet
+            calls += 1
+            stream = entry.stream
             try:
                 nxt = stream.on_clock(now, horizon)
             except Exception as exc:  # one broken stream must not stop the others
                 log.exception("RTP clock: stream %r failed", stream)
+                self._drop(entry)
                 stream.on_clock_error(exc)
                 continue
-            if nxt is not None and stream not in entry:
-                seq = next(self._seq)
-                entry[stream] = seq
-                heapq.heappush(heap, (max(nxt, horizon + 1e-6), seq, stream))
-        while heap and entry.get(heap[0][2]) != heap[0][1]:
-            heapq.heappop(heap)  # drop stale entries at the top before arming
-        if heap:
-            self._arm(heap[0][0])
+            if nxt is None:
+                self._drop(entry)
+            elif entry.slot == number:  # still this entry (the callback did not reschedule)
+                if nxt < floor:
+                    nxt = floor
+                # _put, inline: once per packet
+                n = int(nxt * _PER_SECOND)
+                later = slots.get(n)
+                if later is None:
+                    slots[n] = later = []
+                    heapq.heappush(self._numbers, n)
+                later.append(entry)
+                entry.slot, entry.due = n, nxt
+        self._callbacks += calls
+
+    def _drop(self, entry: _Entry) -> None:
+        if entry.slot is not None and self._entry.get(entry.stream) is entry:
+            del self._entry[entry.stream]
+        entry.slot = None

@@ -352,7 +352,34 @@ async def test_talk_spurts_gap_and_underrun() -> None:
     for i in (9, 14):  # after a silence: the jump matches the elapsed time (±100 ms)
         assert abs(dts[i] - (at[i + 1] - at[i]) * 8000) < 800, (i, dts[i])
         assert dts[i] > 160 + 0.1 * 8000
+    # within a spurt one packet time apart, also the packets queued before its jump was known
+    assert {d for i, d in enumerate(dts) if i not in (9, 14)} == {160}
     assert sink.stats().underruns == 1 and sink.rtp_stats().talk_spurts == 4
+
+
+async def test_timestamps_after_a_silence_with_a_blocked_writer() -> None:
+    """A spurt after a silence, written faster than real time into a small buffer: the
+    packets queued before the spurt started, and those the writer queued while it waited,
+    all carry the spurt's timestamps (one jump, then one packet time apart)."""
+    async with UdpReceiver() as rx:
+        sink = RtpSink("127.0.0.1", rx.port, buffer_ms=100, prebuffer_ms=60)
+        await sink.open(AudioFormat(8000))
+        await sink.write(Frame(tone(0.04, 8000)))
+        await sink.drain()
+        await asyncio.sleep(0.25)  # the stimulus: a silence
+        for _ in range(4):
+            await sink.write(Frame(tone(0.1, 8000)))  # blocks: 5 packets of room
+        await sink.drain()
+        await sink.aclose()
+        rx.flush()
+    pk, at = rx.packets, [a.at for a in rx.arrivals]
+    assert len(pk) == 2 + 20
+    assert [i for i, p in enumerate(pk) if p.marker] == [0, 2]
+    seq = unwrap_sequence([p.sequence_number for p in pk])
+    assert seq == list(range(seq[0], seq[0] + 22))
+    dts = [(b.timestamp - a.timestamp) % 2**32 for a, b in zip(pk[:-1], pk[1:], strict=True)]
+    assert abs(dts[1] - (at[2] - at[1]) * 8000) < 800 and dts[1] > 160 + 0.2 * 8000
+    assert set(dts[:1] + dts[2:]) == {160}
 
 
 async def test_interrupt_stops_at_once_and_next_spurt_has_marker() -> None:

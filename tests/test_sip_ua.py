@@ -187,6 +187,7 @@ def test_reinvite_answered_with_current_media_and_options() -> None:
     assert ok2.status == 200 and b"m=audio 7000" in ok2.body
     changed = next(o for o in out if isinstance(o, MediaChanged))
     assert changed.plan.remote_port == 6100
+    assert changed.source == SRC  # where the re-INVITE came from (media follows signalling)
     opts = responses(ua.receive(request("OPTIONS", branch="z9hG4bK6"), SRC, 1.0))[0]
     assert opts.status == 200 and "INVITE" in (opts.header("Allow") or "")
     low = ua.receive(request("INFO", branch="z9hG4bK7", cseq=1, to_tag=tag), SRC, 1.0)

@@ -347,8 +347,8 @@ class SipAgent:
             elif isinstance(item, MediaChanged):
                 call = self.calls.get(item.call_id)
                 if call is not None:
-                    call._media_changed(
-                        _reachable(item.plan, self.rtp_host, (call.plan.remote_host, 0)))
+                    source = item.source or (call.plan.remote_host, 0)
+                    call._media_changed(_reachable(item.plan, self.rtp_host, source))
             elif isinstance(item, CallEnded):
                 self._ended(item.call_id, item.reason)
         self._arm()

@@ -96,6 +96,9 @@ class CallConfirmed:
 class MediaChanged:
     call_id: str
     plan: MediaPlan  # from a re-INVITE, or from the ACK's answer to our offer
+    # where that request came from (its media may follow the signalling: an SDP address the
+    # media socket cannot reach is replaced by this host, as for the first INVITE)
+    source: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -297,7 +300,7 @@ class UserAgent:
         if req.cseq.method != method:
             return self._reply(req, addr, now, 400, "Bad Request", warning="CSeq method differs")
         if method == "ACK":
-            return self._ack(req, now)
+            return self._ack(req, addr, now)
         if method == "CANCEL":
             return self._cancel(req, addr, now)
         again = self._retransmission(req)
@@ -431,7 +434,7 @@ class UserAgent:
                 d.plan = replace(new, local_host=d.plan.local_host,
                                  local_port=d.plan.local_port, session_id=d.plan.session_id,
                                  version=d.plan.version + 1)  # fmt: skip
-                out.append(MediaChanged(d.call_id, d.plan))
+                out.append(MediaChanged(d.call_id, d.plan, addr))
         out[:0] = self._send_ok(d, req, now)
         tx.final, tx.last = 200, d.ok
         return out
@@ -455,7 +458,7 @@ class UserAgent:
         d.retransmit = self._retransmit(d.ok, d.source, now, no_ack)
         return [Send(d.ok, d.source)]
 
-    def _ack(self, req: SipRequest, now: float) -> list[Output]:
+    def _ack(self, req: SipRequest, addr: tuple[str, int], now: float) -> list[Output]:
         tx = self._invites.get(req.via.branch)
         if tx is not None and tx.final >= 300:  # ACK of our error response (§17.2.1)
             if tx.timer is not None:
@@ -482,7 +485,7 @@ class UserAgent:
                 return [*out, *self._bye(d, now), CallEnded(d.call_id, "bad answer")]
             d.plan = replace(plan, local_host=d.plan.local_host, local_port=d.plan.local_port,
                              session_id=d.plan.session_id)  # fmt: skip
-            out.append(MediaChanged(d.call_id, d.plan))
+            out.append(MediaChanged(d.call_id, d.plan, addr))
         return out
 
     def _cancel(self, req: SipRequest, addr: tuple[str, int], now: float) -> list[Output]:
