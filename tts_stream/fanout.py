@@ -93,22 +93,15 @@ class _Lane:
         return not self.queue.queued and not self.busy and self.failed is None and not self.ended
 
     async def put(self, frame: Frame) -> None:
-        if self.failed is not None or self.ended:
-            self._drop(frame)
+        if self.policy is not Policy.LOSSLESS or self.failed is not None or self.ended:
+            self.put_nowait(frame)  # dropped or evicting: never waits
             return
-        if self.policy is Policy.DROP_OLDEST:
-            for old in self.queue.send_evicting(frame):
-                self._drop(old)
-        else:
-            try:
-                await self.queue.send(frame)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self._drop(frame)  # the sink failed, or the fan-out closed, meanwhile
-                return
-        self.frames_in += 1
-        self.samples_in += len(frame)
-        self.peak = max(self.peak, self.queue.used)
-        self._idle.clear()
+        try:
+            await self.queue.send(frame)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._drop(frame)  # the sink failed, or the fan-out closed, meanwhile
+            return
+        self._taken(frame)
 
     def fits(self, n: int) -> bool:
         """A frame of ``n`` samples would be taken without waiting (lossless lanes: room in
@@ -128,6 +121,9 @@ class _Lane:
                 self._drop(old)
         else:
             self.queue.send_nowait(frame)
+        self._taken(frame)
+
+    def _taken(self, frame: Frame) -> None:
         self.frames_in += 1
         self.samples_in += len(frame)
         self.peak = max(self.peak, self.queue.used)
