@@ -677,14 +677,16 @@ class RtpSink(BaseSink):
         """Audio arrived (or the end of it): start a talk spurt now or after the prebuffer."""
         if self._talking or not self._queue.queued or self._clock is None:
             return
+        # on the clock's phase grid (a few ms at most, never earlier): one wake-up then
+        # serves every stream of that phase
         now = time.monotonic()
         if self._ending or self._queue.queued >= self._prebuffer_packets:
-            due = now
+            due = self._clock.snap(now)
         elif self._prebuffer_until is None:
             # A spurt starting on the very first packet underruns at the first hiccup of a
             # producer that streams in real time (peers.md §3, hass-sip #45); a short jitter
             # buffer costs that much latency once, and only when the audio trickles in.
-            self._prebuffer_until = due = now + self._prebuffer_ms / 1000
+            self._prebuffer_until = due = self._clock.snap(now + self._prebuffer_ms / 1000)
         else:
             return  # already waiting for the prebuffer
         self._spurt_due = due
