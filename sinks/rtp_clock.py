@@ -21,9 +21,10 @@ stream).
 No task is involved: the clock is a chain of ``loop.call_at`` handles that exists only while
 some stream is scheduled, so there is nothing to own or to cancel at shutdown beyond the
 streams themselves (each cancels its own entry when it closes). Times are
-``time.monotonic()`` seconds, converted to the loop's clock when arming (uvloop's ``loop.time``
-has millisecond resolution and is cached per iteration, so it is not used to decide what is
-due). Boundary: asyncio only; imports nothing from the engine.
+``time.monotonic()`` seconds; the timer is armed at the due time itself on the loop's clock
+(the same clock for asyncio and uvloop; uvloop's ``loop.time`` has millisecond resolution and
+is cached per iteration, so it is not used to decide what is due, nor as "now" when arming).
+Boundary: asyncio only; imports nothing from the engine.
 """
 
 from __future__ import annotations
@@ -108,6 +109,12 @@ class RtpClock:
         self._armed_for = 0.0
         self._wakeups = self._callbacks = self._late = 0
         self._max_late = 0.0
+        # the loop's clock minus time.monotonic(): 0 for asyncio and uvloop (both read
+        # CLOCK_MONOTONIC; uvloop's loop.time() is that in ms, cached per iteration). Arming
+        # at loop.time() + (due - monotonic) instead would fire early by the cache's age,
+        # i.e. by however long the current iteration has run (milliseconds on a busy loop).
+        offset = loop.time() - time.monotonic()
+        self._offset = 0.0 if abs(offset) < 0.05 else offset
 
     phase_grid = PHASE_GRID  # a class attribute: the benchmark varies it
 
@@ -170,9 +177,7 @@ class RtpClock:
         if self._handle is not None:
             self._handle.cancel()
         self._armed_for = due
-        self._handle = self._loop.call_at(
-            self._loop.time() + (due - time.monotonic()), self._fire
-        )
+        self._handle = self._loop.call_at(due + self._offset, self._fire)
 
     def _fire(self) -> None:
         self._handle = None
