@@ -28,6 +28,9 @@ RTP clock policy (documented behaviour, see RFC 3550 §5.1 and RFC 3551 §4.1):
 - a talk spurt starts once ``prebuffer_ms`` (default 60) of audio is queued, or that long
   after its first packet was queued, or at ``drain()``: a small jitter buffer against a
   producer that streams in real time;
+- a talk spurt starts on the clock's phase grid (the next multiple of
+  :attr:`~sinks.rtp_clock.RtpClock.phase_grid`, 5 ms: never earlier, at most that much later),
+  so streams share a few wake-ups per packet time;
 - packets are due at ``start + n * ptime`` of the current talk spurt, never after a sum of
   sleeps (the shared clock may send one up to :data:`~sinks.rtp_clock.EARLY` ahead); if the
   event loop stalled for more than half a second the schedule is re-anchored instead of

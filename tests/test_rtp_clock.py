@@ -153,3 +153,33 @@ async def test_shared_transport_is_used_and_left_open() -> None:
         transport.close()
     with pytest.raises(ValueError, match="transport="):
         RtpSink("127.0.0.1", 9, transport=transport, rtcp=True)
+
+
+async def test_talk_spurts_start_on_the_clock_phase_grid() -> None:
+    """New streams start on a multiple of the phase grid: a handful of wake-ups per packet
+    time however many streams there are, each stream on its own absolute grid from there."""
+    n = 12
+    async with UdpReceiver() as rx:
+        sinks = [RtpSink("127.0.0.1", rx.port, ssrc=i + 1, prebuffer_ms=0) for i in range(n)]
+        for s in sinks:
+            await s.open(AudioFormat(8000))
+        clock = RtpClock.for_loop()
+        grid = clock.phase_grid
+        assert grid > 0
+        rng = random.Random(5)
+        starts = []
+        for s in sinks:
+            await asyncio.sleep(rng.uniform(0, 0.02))
+            t = time.monotonic()
+            await s.write(Frame(tone(0.2)))
+            starts.append((t, s._spurt_due))
+        for s in sinks:
+            await s.drain()
+            await s.aclose()
+        rx.flush()
+    assert len(rx.packets) == n * 10
+    for t, due in starts:
+        assert due >= t  # never earlier than asked
+        assert due - t <= grid + 1e-6  # at most one grid step later
+        assert abs(due / grid - round(due / grid)) < 1e-6  # on the grid
+    assert clock.snap(10.0) == 10.0 and abs(clock.snap(10.0001) - (10.0 + grid)) < 1e-9
