@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import wave
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -371,4 +372,70 @@ async def test_engine_freezes_the_collector_after_prewarm_unless_told_not_to(
         frozen = gc.get_freeze_count()
         await e.prewarm(voice, 1)
         assert gc.get_freeze_count() > frozen  # the prewarmed spare too
+    gc.unfreeze()  # the rest of the suite runs with the collector as it found it
+
+
+class _Cycle:
+    """A little reference cycle with a weak reference to tell whether it was freed."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_a_finished_speech_is_freed_by_reference_counting_alone(
+    server: LocalServer, voice: Voice
+) -> None:
+    # No reference cycle is left by a finished speech, a finished barge-in included: with
+    # the collector off, nothing of it outlives the last reference (a cycle would wait for
+    # a full collection, the pauses that made frames late at 500 streams).
+    gc.collect()
+    gc.disable()
+    try:
+        async with asyncio.timeout(TIMEOUT), engine_for(server, freeze_gc=False) as e:
+            await e.prewarm(voice, 1)
+            refs: list[weakref.ref[object]] = []
+            for barge_in in (False, True):
+                arr = ArraySink(max_blocks=100_000)
+                speech = e.speak(voice, sinks=[arr])
+                async with speech:
+                    await speech.push(TEXT)
+                    if barge_in:
+                        await speech.interrupt()
+                refs += [weakref.ref(speech), weakref.ref(speech._fanout), weakref.ref(arr)]
+                del speech, arr
+                await asyncio.sleep(0.05)  # the pool's refill and the lease's release run
+            assert [r() for r in refs] == [None] * len(refs)
+    finally:
+        gc.enable()
+
+
+async def test_each_speech_freezes_the_young_objects_and_idle_recollects_cyclic_garbage(
+    server: LocalServer, voice: Voice
+) -> None:
+    gc.unfreeze()
+    async with asyncio.timeout(TIMEOUT), engine_for(server, freeze_gc=False) as e:
+        async with e.speak(voice, sinks=[ArraySink(max_blocks=100_000)]) as speech:
+            assert gc.get_freeze_count() == 0  # freeze_gc=False: the collector as it is
+            await speech.push("Hello.")
+    async with asyncio.timeout(TIMEOUT), engine_for(server) as e:
+        await e.prewarm(voice, 2)
+        frozen = gc.get_freeze_count()
+        gc.disable()  # no automatic collection in between: only the engine's own ones
+        first = e.speak(voice, sinks=[ArraySink(max_blocks=100_000)])
+        async with first:
+            assert gc.get_freeze_count() > frozen  # the speech's start is frozen: no scan
+            # The application's cyclic garbage made meanwhile, more than a quarter of the
+            # frozen set: the next speech's freeze catches it ...
+            garbage = [_Cycle() for _ in range(gc.get_freeze_count() // 2)]
+            probe = weakref.ref(garbage[0])
+            del garbage
+            async with e.speak(voice, sinks=[ArraySink(max_blocks=100_000)]) as second:
+                assert probe() is not None  # frozen, not collected
+                await second.push("Two.")
+            assert probe() is not None  # ... the first speech still plays: no collection
+            await first.push("One.")
+        # ... and the last speech's close, at a safe point, collects the frozen set again.
+        assert probe() is None
+        assert gc.get_freeze_count() > 0  # and freezes what is alive once more
+    gc.enable()
     gc.unfreeze()  # the rest of the suite runs with the collector as it found it

@@ -245,6 +245,7 @@ class Fanout(StackResource):
                     raise UsageError(
                         f"sink {lane.name!r} was opened for {fmt}, the speech is {self.fmt}"
                     )
+            stack.callback(self._forget_tasks)  # runs after the task group has ended
             tg = await stack.enter_async_context(asyncio.TaskGroup())
             stack.push_async_callback(self._stop_workers)
             self._tasks = [
@@ -263,6 +264,11 @@ class Fanout(StackResource):
         for task in self._tasks:
             if not task.done():
                 task.cancel()
+
+    def _forget_tasks(self) -> None:
+        """Drop the ended lane tasks: a cancelled one's traceback holds its frame, which holds
+        this fan-out, a cycle only a full collection would free (issue 11, the collector)."""
+        self._tasks = []
 
     async def _close_opened(self) -> None:
         for sink in self._opened:

@@ -191,6 +191,7 @@ class Speech:
         sinks: Sequence[Sink],
         options: SpeechOptions = SpeechOptions(),  # noqa: B008 - frozen
         on_done: Callable[[UtteranceMetrics], None] | None = None,
+        on_open: Callable[[], None] | None = None,
     ) -> None:
         if not sinks:
             raise UsageError("speak() needs at least one sink")
@@ -208,6 +209,7 @@ class Speech:
         self._pool = pool
         self._sinks = list(sinks)
         self._on_done = on_done
+        self._on_open = on_open  # called once the session is acquired and its pump runs
         self.state = SpeechState.NEW
         self._progress = _Progress()
         # Set when the session completes or fails: what finishing waits for (not every delta).
@@ -257,6 +259,9 @@ class Speech:
             await stack.aclose()
             raise
         self.state = SpeechState.OPEN
+        on_open, self._on_open = self._on_open, None
+        if on_open is not None:
+            on_open()
         return self
 
     async def __aexit__(
@@ -295,8 +300,18 @@ class Speech:
     def _finalize(self) -> None:
         if self._final is None:
             self._final = self._snapshot()
-            if self._on_done is not None:
-                self._on_done(self._final)
+            on_done, self._on_done = self._on_done, None
+            if on_done is not None:
+                on_done(self._final)
+        self._unlink()
+
+    def _unlink(self) -> None:
+        """Drop what points back at this speech once it is closed (the task group, the exit
+        stack, the attempt): a finished speech is then freed by reference counting alone,
+        not left as a cycle for a full collection to find (issue 11, the collector)."""
+        self._stack = None
+        self._tg = None
+        self._attempt = None
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -492,6 +507,8 @@ class Speech:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 async with asyncio.timeout(self.options.sink_timeout):
                     await asyncio.shield(task)
+        if task is not None and task.done():
+            att.task = None  # its exception's traceback holds the pump's frame, which holds att
 
     async def _stop_attempt(self, att: _Attempt) -> None:
         await self._cancel_pump(att)
