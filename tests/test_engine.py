@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import tts_stream.engine
 from sinks import ArraySink, WavSink
 from tests.conftest import Enroll
 from tts_stream import (
@@ -439,3 +440,29 @@ async def test_each_speech_freezes_the_young_objects_and_idle_recollects_cyclic_
         assert gc.get_freeze_count() > 0  # and freezes what is alive once more
     gc.enable()
     gc.unfreeze()  # the rest of the suite runs with the collector as it found it
+
+
+async def test_a_busy_process_recollects_once_the_frozen_set_has_doubled(
+    server: LocalServer, voice: Voice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A service that is never idle (a speech always playing) must not keep frozen cyclic
+    # garbage for ever: once the frozen set has doubled since its last full collection, the
+    # next speech to open collects it, while another still plays.
+    monkeypatch.setattr(tts_stream.engine, "BUSY_RECOLLECT", 0)
+    gc.unfreeze()
+    async with asyncio.timeout(TIMEOUT), engine_for(server) as e:
+        await e.prewarm(voice, 2)
+        gc.disable()
+        try:
+            async with e.speak(voice, sinks=[ArraySink(max_blocks=100_000)]) as first:
+                garbage = [_Cycle() for _ in range(2 * gc.get_freeze_count() + 10)]
+                probe = weakref.ref(garbage[0])
+                del garbage
+                assert probe() is not None  # cyclic garbage, no collection yet
+                async with e.speak(voice, sinks=[ArraySink(max_blocks=100_000)]) as second:
+                    assert probe() is None  # collected while the first speech plays
+                    await second.push("Two.")
+                await first.push("One.")
+        finally:
+            gc.enable()
+    gc.unfreeze()

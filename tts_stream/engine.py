@@ -460,6 +460,10 @@ class Engine(StackResource):
         return self._pool_or_raise().spares(self.pool_key(voice, **kwargs))
 
 
+BUSY_RECOLLECT = 200_000
+"""Objects the frozen set may grow by, beyond doubling, before a busy process collects it."""
+
+
 class _Freezer:
     """The engines' use of :func:`gc.freeze`, process-wide (the collector is one per process).
 
@@ -482,8 +486,11 @@ class _Freezer:
     last speech of the process closes and the frozen count has grown by a quarter since the
     last one (CPython's own rule for the old generation), an engine that owns the freeze
     unfreezes, collects and freezes again (a pause while no speech plays); and
-    :func:`gc.unfreeze` when the last freezing engine closes, unless something else had
-    frozen objects before the first one opened (then it is the application's to call).
+    a service that is never idle gets the same full collection, during a speech, once the
+    frozen count has doubled (plus ``BUSY_RECOLLECT``) since the last one, so its memory
+    stays bounded; and :func:`gc.unfreeze` when the last freezing engine closes, unless
+    something else had frozen objects before the first one opened (then it is the
+    application's to call).
     """
 
     holders = 0
@@ -507,16 +514,22 @@ class _Freezer:
     def opened(cls) -> None:
         cls.speeches += 1
         gc.freeze()
+        if cls.owned and gc.get_freeze_count() > cls.frozen_at_full * 2 + BUSY_RECOLLECT:
+            cls._recollect()  # never idle and still growing: bound the memory, pay a pause
 
     @classmethod
     def closed(cls) -> None:
         cls.speeches -= 1
         if cls.speeches == 0 and cls.owned and cls.holders > 0:
             if gc.get_freeze_count() > cls.frozen_at_full * 5 // 4:
-                gc.unfreeze()
-                gc.collect()
-                gc.freeze()
-                cls.frozen_at_full = gc.get_freeze_count()
+                cls._recollect()
+
+    @classmethod
+    def _recollect(cls) -> None:
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        cls.frozen_at_full = gc.get_freeze_count()
 
     @classmethod
     def release(cls) -> None:
