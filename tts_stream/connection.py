@@ -506,7 +506,7 @@ class Connection:
             head, b64 = split
             rid = head.get("response_id")
             try:
-                pcm = pybase64.b64decode(b64, None, True)  # (altchars, validate): positional args parse faster
+                pcm = pybase64.b64decode(b64, None, True)  # (altchars, validate=True)
             except ValueError:
                 pcm = None  # not base64 as it stands (a JSON escape?): the whole frame decides
             if pcm is not None and (rid is None or type(rid) is str):
