@@ -11,7 +11,15 @@ Measures, in-process and without a server, the cost per item of:
   (idle lane, no queue), (b) an ``ArraySink`` read by a consumer task (the lane's queue and
   task), (c) a drop-oldest lane nobody drains;
 * ``recorder_delta``, ``ledger_audio``, ``frame``: the pump's other per-delta calls
-  (``Recorder.delta`` with a server stamp, ``Ledger.audio``, ``audio.Frame(...)``).
+  (``Recorder.delta`` with a server stamp, ``Ledger.audio``, ``audio.Frame(...)``);
+* ``speech_delta``: the whole per-delta path of ``--streams`` live speeches (default 200,
+  as bench.concurrency's first point), round robin, one delta each per round: the frame
+  callback's ``_handle`` of a stamped delta through ``Speech._audio_nowait``, the fan-out
+  and a sink that stamps every write (bench.concurrency's ``TimingSink``). The speeches
+  are real (an :class:`~tts_stream.Engine` on a :class:`~tts_stream.server.LocalServer` in
+  this process, sessions opened, no text sent, so the server is idle while the clock
+  runs); only the socket read is left out. Many streams, not one in a loop: the objects of
+  200 streams do not stay in the CPU's first-level cache as one stream's would.
 
 Usage::
 
@@ -30,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import statistics
@@ -109,13 +118,16 @@ async def bench_channel_blocking(n: int) -> float:
     return (time.process_time() - t0) / n
 
 
-def _delta_frame() -> str:
+def _delta_frame(*, stamp: bool = False) -> str:
+    """A 100 ms delta as the local server sends it (``stamp``: with ``x_sent_monotonic``)."""
     pcm = (np.sin(np.arange(SAMPLES) / 7.0) * 8000).astype("<i2").tobytes()
-    event = {
+    event: dict[str, object] = {
         "event_id": "event_1", "type": "response.audio.delta", "response_id": "resp_1",
         "item_id": "item_1", "output_index": 0, "content_index": 0,
-        "delta": base64.b64encode(pcm).decode(),
     }  # fmt: skip
+    if stamp:
+        event["x_sent_monotonic"] = time.monotonic()
+    event["delta"] = base64.b64encode(pcm).decode()
     return orjson.dumps(event).decode()
 
 
@@ -210,6 +222,50 @@ async def bench_frame(n: int) -> float:
     return (time.process_time() - t0) / n
 
 
+STREAMS = 200  # --streams of speech_delta
+
+
+async def bench_speech_delta(n: int) -> float:
+    """The whole fast path (module docstring); ``n`` deltas over ``STREAMS`` speeches."""
+    from bench.concurrency import TimingSink
+    from tts_stream import Engine, Voice
+    from tts_stream.messages import VC_MODELS
+    from tts_stream.server import LocalServer
+    from tts_stream.testing.samplegen import good_sample_wav
+
+    # The server's send stamp, fresh each round (a stale one would put every delta's lag
+    # into a new histogram bucket): the frame is the template with the stamp replaced.
+    head, _, tail = _delta_frame(stamp=True).encode().partition(b'"x_sent_monotonic":')
+    tail = tail[tail.index(b","):]
+    async with (
+        LocalServer(port=0, backend="tone") as srv,
+        Engine(base_url=srv.base_url, api_key=srv.api_key, pool_size=0) as engine,
+    ):
+        voice = await engine.voices.create(good_sample_wav(), preferred_name="hot",
+                                           target_model=VC_MODELS[0])  # fmt: skip
+        voice = Voice(voice.name, VC_MODELS[0])
+        async with contextlib.AsyncExitStack() as stack:
+            speeches = [
+                await stack.enter_async_context(engine.speak(voice, sinks=[TimingSink()]))
+                for _ in range(STREAMS)
+            ]
+            await asyncio.sleep(0.05)  # every pump installed its fast path
+            handles = [s._attempt.lease.connection._handle for s in speeches]  # type: ignore[union-attr]
+            rounds = max(1, n // STREAMS)
+            elapsed = 0.0
+            for _ in range(rounds):
+                stamp = repr(time.monotonic()).encode()
+                raw = memoryview(b"".join((head, b'"x_sent_monotonic":', stamp, tail)))
+                t0 = time.process_time()
+                for handle in handles:
+                    handle(raw)
+                elapsed += time.process_time() - t0
+            for s in speeches:
+                assert s.metrics.deltas == rounds, "a delta missed the fast path"
+                await s.aclose()
+    return elapsed / (rounds * STREAMS)
+
+
 CASES: dict[str, tuple[Callable[[int], Awaitable[float]], int]] = {
     "recorder_delta": (bench_recorder_delta, 100_000),
     "ledger_audio": (bench_ledger_audio, 200_000),
@@ -220,6 +276,7 @@ CASES: dict[str, tuple[Callable[[int], Awaitable[float]], int]] = {
     "fanout_nowait": (bench_fanout_nowait, 50_000),
     "fanout_array": (bench_fanout_array, 20_000),
     "fanout_lossy": (bench_fanout_lossy, 50_000),
+    "speech_delta": (bench_speech_delta, 40_000),
 }
 
 
@@ -240,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     ap.add_argument("--only", default="", help="comma-separated case names")
+    ap.add_argument("--streams", type=int, default=200, help="speeches of speech_delta")
     args = ap.parse_args(argv)
+    global STREAMS
+    STREAMS = args.streams
     only = [c for c in args.only.split(",") if c]
     load_before = os.getloadavg()
     if args.loop == "uvloop":

@@ -71,7 +71,7 @@ class Frame:
     received_at: float = 0.0
 
     def __len__(self) -> int:
-        return int(self.samples.shape[0])
+        return len(self.samples)  # a 1-D array: its shape[0], without a shape tuple
 
 
 @dataclass(frozen=True)

@@ -500,12 +500,27 @@ class Connection:
 
     def _handle(self, payload: memoryview | bytearray) -> None:
         """One text message: parse it, run it through the state machine, hand it on."""
-        data = m.load_event_object(payload)
         secret = self._secret
+        split = _split_delta(payload)
+        if split is not None:  # the hot path: a delta, its base64 never a str
+            head, b64 = split
+            rid = head.get("response_id")
+            try:
+                pcm = pybase64.b64decode(b64, None, True)  # (altchars, validate=True)
+            except ValueError:
+                pcm = None  # not base64 as it stands (a JSON escape?): the whole frame decides
+            if pcm is not None and (rid is None or type(rid) is str):
+                if secret and rid and secret in rid:  # the one text field carried on
+                    rid = rid.replace(secret, "sk-***")
+                rid = self.protocol.accept_delta(rid)
+                if rid is not None:  # else not live, or a retired response (barge-in)
+                    self._on_pcm(pcm, rid, head.get("x_sent_monotonic"))
+                return
+        data = m.load_event_object(payload)
         if data["type"] == _DELTA_TYPE:
             delta, rid = data.get("delta"), data.get("response_id")
             if type(delta) is str and (rid is None or type(rid) is str):
-                if secret and rid and secret in rid:  # the one text field carried on
+                if secret and rid and secret in rid:
                     rid = rid.replace(secret, "sk-***")
                 self._on_delta(delta, rid, data.get("x_sent_monotonic"))
                 return
@@ -518,14 +533,18 @@ class Connection:
                 self._on_note(note)
 
     def _on_delta(self, delta: str, response_id: str | None, stamp: object) -> None:
-        """One audio delta (the per-delta hot path: no event or notification object)."""
+        """One audio delta whose frame was parsed whole (no event or notification object)."""
         rid = self.protocol.accept_delta(response_id)
         if rid is None:
             return  # not live, or a retired response (barge-in)
         try:
-            data = pybase64.b64decode(delta, validate=True)
+            data = pybase64.b64decode(delta, None, True)  # altchars=None, validate=True
         except ValueError as exc:
             raise ProtocolViolation(f"audio delta is not valid base64: {exc}") from exc
+        self._on_pcm(data, rid, stamp)
+
+    def _on_pcm(self, data: bytes, rid: str, stamp: object) -> None:
+        """The decoded bytes of an accepted delta: samples, then to the consumer."""
         if self._decoders is not None:
             samples = self._decoders.feed(rid, data)
             if not samples.size:
@@ -533,14 +552,14 @@ class Connection:
         elif len(data) % 2:
             raise ProtocolViolation(f"PCM16 delta has an odd number of bytes ({len(data)})")
         else:
-            samples = np.frombuffer(data, dtype="<i2")
+            samples = np.frombuffer(data, _PCM16)  # a view of the decoded bytes: no copy
         self._audio(samples, rid, stamp)
 
     def _audio(self, samples: PCM16, rid: str, stamp: object) -> None:
-        now = _monotonic()
-        sent_at = float(stamp) if isinstance(stamp, int | float) else None
+        now = _monotonic()  # the delta's one clock reading, passed on to every consumer
+        sent_at = stamp if stamp is None or type(stamp) is float else _stamp(stamp)
         offset = self._samples
-        self._samples = offset + samples.shape[0]
+        self._samples = offset + len(samples)  # len: no shape tuple per delta
         deliver = self.deliver_nowait
         channel = self._channel
         assert channel is not None
@@ -735,6 +754,48 @@ class Connection:
 
 
 _PARSER_CODES = (1002, 1007, 1009)  # what picows' frame parser closes with
+_PCM16 = np.dtype("<i2")  # a dtype object: frombuffer would parse the string every delta
+
+
+_DELTA_KEY = b',"delta":"'
+_KEY_LEN = len(_DELTA_KEY)
+_HEAD_MAX = 512  # where a delta's "delta" key is looked for (the fields before it are short)
+
+
+def _split_delta(payload: memoryview | bytearray) -> tuple[dict[str, Any], memoryview] | None:
+    """A delta frame as the service and the local server send it, compact JSON with
+    ``delta`` last, split without parsing its base64 as JSON: (the event without ``delta``,
+    a view of the base64); None for any other frame, which is parsed whole.
+
+    The frame is ``H + ,"delta":" + B + "}``. When ``H + }`` parses to a delta event and B
+    is base64 (the caller decodes it and parses the frame whole if it is not), that frame
+    is the same JSON object with ``"delta": B``: a quote never stands unescaped inside a
+    JSON string, so the key found is a key, and B, base64 alone, is a string's content.
+    It spares the JSON parser the whole base64 (a str of 6.4 kB per 100 ms at 24 kHz).
+    """
+    n = len(payload)
+    if payload[n - 2 : n] != b'"}':
+        return None
+    head = bytes(payload[:_HEAD_MAX])
+    i = head.find(_DELTA_KEY)
+    if i < 0:
+        return None
+    try:
+        data = orjson.loads(head[:i] + b"}")
+    except orjson.JSONDecodeError:
+        return None
+    if (
+        type(data) is not dict
+        or data.get("type") != _DELTA_TYPE
+        or type(data.get("event_id", "")) is not str
+    ):
+        return None
+    return data, memoryview(payload)[i + _KEY_LEN : n - 2]
+
+
+def _stamp(value: object) -> float | None:
+    """The server's send stamp as a float (an int is one too), else None."""
+    return float(value) if isinstance(value, int | float) else None
 
 
 @cache

@@ -147,11 +147,13 @@ class _Lane:
     def fail(self, exc: Exception) -> None:
         """The sink raised: it gets nothing more; what was queued for it is dropped."""
         self.failed = repr(exc)
+        self.write_nowait = None  # a failed or ended lane never writes directly
         self.dropped_samples += self.clear()
         self.queue.close()  # the lane's task ends, a waiting writer is let go
 
     def end(self) -> None:
         self.ended = True
+        self.write_nowait = None
         self.queue.close_send()
 
     async def wait_idle(self) -> None:
@@ -307,7 +309,9 @@ class Fanout(StackResource):
         lane.fail(exc)
         log.warning("sink %s failed, it gets no more audio: %r", lane.name, exc)
 
-    def _write_direct(self, lane: _Lane, nowait: Callable[[Frame], bool], frame: Frame) -> bool:
+    def _write_direct(
+        self, lane: _Lane, nowait: Callable[[Frame], bool], frame: Frame, n: int
+    ) -> bool:
         """Hand ``frame`` to an idle lane's sink without waiting; False: queue it instead.
 
         The counters end up exactly as after ``put`` + the worker's write (the frame never
@@ -319,11 +323,10 @@ class Fanout(StackResource):
                 return False
         except Exception as exc:  # as in _worker: recorded, never raised to the writer
             lane.frames_in += 1
-            lane.samples_in += len(frame)
+            lane.samples_in += n
             self._fail(lane, exc)
             self.progress.set()
             return True
-        n = len(frame)
         lane.frames_in += 1
         lane.samples_in += n
         lane.samples_out += n
@@ -340,10 +343,15 @@ class Fanout(StackResource):
         # bind the task that entered them). Only the optional write_nowait, which never
         # waits, and only on an idle lane, so the sink still sees the frames in order.
         self._writing = True
+        n = len(frame.samples)
         try:
             for lane in self._lanes:
                 nowait = lane.write_nowait
-                if nowait is not None and lane.idle() and self._write_direct(lane, nowait, frame):
+                if (
+                    nowait is not None
+                    and lane.idle()
+                    and self._write_direct(lane, nowait, frame, n)
+                ):
                     continue
                 await lane.put(frame)
         finally:
@@ -360,14 +368,20 @@ class Fanout(StackResource):
         """
         if self._writing or self._closed or self._stack is None:
             return False
-        n = len(frame)
+        n = len(frame.samples)
         lanes = self._lanes
         for lane in lanes:
-            if not lane.fits(n):
+            if lane.queue.queued and not lane.fits(n):  # an empty queue has room
                 return False
         for lane in lanes:
+            # lane.idle() inlined (the hot path): a failed or ended lane has no write_nowait
             nowait = lane.write_nowait
-            if nowait is not None and lane.idle() and self._write_direct(lane, nowait, frame):
+            if (
+                nowait is not None
+                and not lane.queue.queued
+                and not lane.busy
+                and self._write_direct(lane, nowait, frame, n)
+            ):
                 continue
             lane.put_nowait(frame)
         return True

@@ -27,11 +27,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 
 from .audio import PCM16, SinkStats, first_voiced_index
@@ -56,6 +59,9 @@ __all__ = [
 Observer = Callable[["UtteranceMetrics", Mapping[str, str]], None]
 
 _GAP_RES = 0.1  # ms: gap histogram resolution (memory stays bounded on any utterance length)
+_FOLD_AT = 1024  # deltas buffered before they are binned (8 kB of floats per buffer)
+_NAN = math.nan
+_BREAK = (_NAN,)
 
 
 @dataclass(frozen=True)
@@ -158,11 +164,15 @@ class Recorder:
         self.lost_chars = 0
         self.interrupted = False
         self.error: str | None = None
+        # Histograms of the gaps between deltas within a response and of the server lag,
+        # folded in batches (:meth:`_fold`): per delta only its time (NaN: a response began
+        # or ended, no gap across it) and its lag are appended to a buffer of floats.
         self._gaps: Counter[int] = Counter()
         self._max_gap = 0.0
-        self._in_response_last: float | None = None
         self._lags: Counter[int] = Counter()
         self._max_lag: float | None = None
+        self._times = array("d", _BREAK)  # unfolded delta times; [0]: the one before them
+        self._lag_ms = array("d")  # unfolded server lags (ms)
 
     def acquired(self, info: AcquireInfo) -> None:
         if self.acquire is None:  # a retry's re-acquire does not hide the first one
@@ -176,7 +186,7 @@ class Recorder:
     def response_created(self, now: float) -> None:
         if self.response_created_at is None:
             self.response_created_at = now
-        self._in_response_last = None
+        self._times.append(_NAN)  # no gap across a response start
 
     @property
     def deltas(self) -> int:
@@ -192,10 +202,15 @@ class Recorder:
 
     def response_done(self, characters: int | None) -> None:
         self.tally.response_done(characters)
-        self._in_response_last = None
+        self._times.append(_NAN)
 
     def delta(self, now: float, samples: PCM16, *, server_sent_at: float | None = None) -> None:
-        """A delta arrived at ``now`` (its samples already decoded)."""
+        """A delta arrived at ``now`` (its samples already decoded).
+
+        The hot path (every delta of every stream): the gap and lag histograms only buffer
+        the time and the lag here; :meth:`_fold` bins them per batch, with the same float
+        arithmetic as binning one at a time (tests/test_metrics.py checks the equality).
+        """
         if self.first_delta_at is None:
             self.first_delta_at = now
         if self.first_voiced_at is None:
@@ -203,18 +218,35 @@ class Recorder:
             if idx is not None:
                 self.first_voiced_at = now
                 self.first_voiced_sample = self.samples + idx
-        if self._in_response_last is not None:
-            gap = (now - self._in_response_last) * 1000.0
-            self._max_gap = max(self._max_gap, gap)
-            self._gaps[int(gap / _GAP_RES)] += 1
-        self._in_response_last = now
+        times = self._times
+        times.append(now)
         self.last_delta_at = now
-        self.samples += int(samples.shape[0])
+        self.samples += len(samples)
         self.tally.deltas += 1
         if server_sent_at is not None:
-            lag = (now - server_sent_at) * 1000.0
-            self._lags[int(max(lag, 0.0) / _GAP_RES)] += 1
-            self._max_lag = lag if self._max_lag is None else max(self._max_lag, lag)
+            self._lag_ms.append((now - server_sent_at) * 1000.0)
+        if len(times) > _FOLD_AT:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Bin the buffered gaps and lags into the histograms (bounded memory: every
+        :data:`_FOLD_AT` deltas, and before a snapshot)."""
+        times = self._times
+        if len(times) > 1:
+            t = np.frombuffer(times, np.float64)
+            gaps = (t[1:] - t[:-1]) * 1000.0  # a NaN on either side: no gap
+            gaps = gaps[~np.isnan(gaps)]
+            if gaps.size:
+                self._max_gap = max(self._max_gap, float(gaps.max()))
+                _count(self._gaps, gaps)
+            self._times = array("d", times[-1:])
+        lags = self._lag_ms
+        if lags:
+            lag = np.frombuffer(lags, np.float64)
+            top = float(lag.max())
+            self._max_lag = top if self._max_lag is None else max(self._max_lag, top)
+            _count(self._lags, np.maximum(lag, 0.0))
+            self._lag_ms = array("d")
 
     def forget_audio(self) -> None:
         """A retry replays the text on a fresh session: nothing of the failed one counts."""
@@ -224,9 +256,10 @@ class Recorder:
         self.response_created_at = None
         self.first_voiced_sample = None
         self.samples = self.tally.deltas = 0
-        self._in_response_last = None
+        self._times.append(_NAN)
 
     def snapshot(self, sinks: Mapping[str, SinkStats] | None = None) -> UtteranceMetrics:
+        self._fold()
         sinks = sinks or {}
         t0 = self.first_text_at
         audio_ms = self.samples * 1000.0 / self.sample_rate if self.sample_rate else 0.0
@@ -273,6 +306,14 @@ class Recorder:
             started_at=self.started_at,
             first_text_at=t0,
         )
+
+
+def _count(hist: Counter[int], ms: npt.NDArray[np.float64]) -> None:
+    """Add ``ms`` (milliseconds, not negative) to ``hist`` in buckets of :data:`_GAP_RES`:
+    ``int(x / _GAP_RES)`` of each, the truncation of the conversion to int64."""
+    buckets, counts = np.unique((ms / _GAP_RES).astype(np.int64), return_counts=True)
+    for bucket, n in zip(buckets.tolist(), counts.tolist(), strict=True):
+        hist[bucket] += n
 
 
 def _hist_quantile(hist: Counter[int], q: float) -> float | None:

@@ -354,7 +354,7 @@ class ClientSession:
         or ``None`` when it is to be dropped (the session is not live, or the response was
         retired). What :meth:`receive` does for a delta, without an event or notification
         object: the client's reader calls it for every delta (the hot path)."""
-        if not self.live:
+        if self.state not in _LIVE_STATES:  # not self.live: no property call per delta
             return None
         rid = response_id or self.current_response
         if rid is None:

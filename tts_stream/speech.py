@@ -150,10 +150,17 @@ class _Progress(asyncio.Event):
     def __init__(self) -> None:
         super().__init__()
         self.at = time.monotonic()
+        self._on = False  # is_set() without a call: set() runs twice per delta
 
     def set(self) -> None:
         self.at = time.monotonic()
-        super().set()
+        if not self._on:
+            self._on = True
+            super().set()
+
+    def clear(self) -> None:
+        self._on = False
+        super().clear()
 
 
 @dataclass
@@ -642,14 +649,15 @@ class Speech:
         if att.retired:
             return True  # dropped, as the pump would
         try:
-            ledger = self._ledger
-            frame = Frame(samples, ledger.samples_out, rid, at)  # ledger.audio's offset
-            assert self._fanout is not None
-            if not self._fanout.write_nowait(frame):
+            ledger, fanout, rec = self._ledger, self._fanout, self._rec
+            assert fanout is not None
+            # ledger.samples_out: the offset ledger.audio gives this delta below
+            if not fanout.write_nowait(Frame(samples, ledger.samples_out, rid, at)):
                 return False
-            self._rec.delta(at, samples, server_sent_at=sent_at)
-            self._on_response_started(rid, at)
-            ledger.audio(samples.shape[0])  # nothing is replayable from now on
+            rec.delta(at, samples, server_sent_at=sent_at)
+            if ledger.response_started(rid):  # _on_response_started, one call less
+                rec.response_created(at)
+            ledger.audio(len(samples))  # nothing is replayable from now on
             att.last_activity = at
             att.lease.first_audio()  # the pool starts the refill now (idempotent, O(1))
             self._progress.set()
