@@ -238,3 +238,32 @@ async def test_a_refused_delta_queues_and_the_fast_path_waits_for_an_empty_chann
     assert server.stats().deltas_sent == len(queued) + len(calls) // 2
     assert seen[0] == server.stats().audio_samples_sent
     assert isinstance(last, p.SessionComplete)
+
+
+async def test_delta_frames_of_any_json_shape_decode_alike() -> None:
+    # The connection splits a compact delta frame with "delta" last without parsing its
+    # base64 as JSON; every other spelling of the same event (spaces, "delta" first, an
+    # escaped "/" in the base64, a field after it) takes the full parse: same samples.
+    b64 = base64.b64encode(PCM.tobytes()).decode()
+    RID = "resp_1"  # noqa: N806 (the peer's response)
+    assert "/" in b64  # the escape below changes the text
+    compact = _delta_text()
+    frames = [
+        compact,
+        compact.replace('","delta":"', '", "delta": "'),
+        orjson.dumps({"delta": b64, "type": "response.audio.delta", "response_id": RID}).decode(),
+        compact.replace(b64, b64.replace("/", "\\/")),
+        compact[:-1] + ',"item_id":"item_1"}',
+    ]
+    assert compact.endswith('"}') and ',"delta":"' in compact
+
+    async def body(ws: ServerConnection) -> None:
+        for text in frames:
+            await ws.send(text)
+
+    async with peer(body) as ep:
+        items = await items_of(ep)
+    audio = [i for i in items if isinstance(i, Audio)]
+    assert len(audio) == len(frames)
+    assert all(np.array_equal(a.samples, PCM) for a in audio)
+    assert [a.offset for a in audio] == [i * len(PCM) for i in range(len(frames))]

@@ -173,3 +173,44 @@ def test_the_recorder_and_the_session_count_with_one_tally() -> None:
     assert (rec.responses, rec.billed, rec.deltas) == (2, 12, 1)
     m = rec.snapshot()
     assert (m.responses, m.billed_characters, m.deltas) == (2, 12, 1)
+
+
+def test_batched_histograms_equal_binning_each_delta_at_once() -> None:
+    # The recorder bins gaps and lags per batch (every 1024 deltas and at a snapshot); the
+    # histograms must be exactly those of binning each delta as it comes, across response
+    # boundaries, a retry's forget_audio and several batches.
+    rng = np.random.default_rng(7)
+    rec = Recorder(sample_rate=24000)
+    gaps: dict[int, int] = {}
+    lags: dict[int, int] = {}
+    max_gap, max_lag, last = 0.0, -1e9, None
+    now = 100.0
+    rec.text_sent(now, 1)
+    for i in range(5000):
+        if i % 700 == 0:
+            rec.response_created(now)
+            last = None
+        if i == 2500:
+            rec.forget_audio()
+            last = None
+        now += float(rng.exponential(0.02))
+        sent = now - float(rng.uniform(-0.002, 0.03))
+        rec.delta(now, SILENCE, server_sent_at=sent)
+        if last is not None:
+            gap = (now - last) * 1000.0
+            max_gap = max(max_gap, gap)
+            gaps[int(gap / 0.1)] = gaps.get(int(gap / 0.1), 0) + 1
+        last = now
+        lag = (now - sent) * 1000.0
+        lags[int(max(lag, 0.0) / 0.1)] = lags.get(int(max(lag, 0.0) / 0.1), 0) + 1
+        max_lag = max(max_lag, lag)
+        if i % 999 == 0:
+            m = rec.snapshot()  # a snapshot folds mid-stream too
+        if i % 700 == 699:
+            rec.response_done(1)
+            last = None
+    m = rec.snapshot()
+    assert dict(rec._gaps) == gaps and sum(gaps.values()) > 4000
+    assert dict(rec._lags) == lags and sum(lags.values()) == 5000
+    assert m.max_gap_ms == max_gap
+    assert m.server_lag_ms_max == max_lag
