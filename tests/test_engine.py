@@ -449,6 +449,7 @@ async def test_a_busy_process_recollects_once_the_frozen_set_has_doubled(
     # garbage for ever: once the frozen set has doubled since its last full collection, the
     # next speech to open collects it, while another still plays.
     monkeypatch.setattr(tts_stream.engine, "BUSY_RECOLLECT", 0)
+    monkeypatch.setattr(tts_stream.engine, "BUSY_CHECK_EVERY", 1)
     gc.unfreeze()
     async with asyncio.timeout(TIMEOUT), engine_for(server) as e:
         await e.prewarm(voice, 2)

@@ -462,6 +462,9 @@ class Engine(StackResource):
 
 BUSY_RECOLLECT = 200_000
 """Objects the frozen set may grow by, beyond doubling, before a busy process collects it."""
+BUSY_CHECK_EVERY = 1000
+"""Speeches opened between two measurements of the frozen set while busy
+(:func:`gc.get_freeze_count` walks the whole set: once per open cost seconds at 500 streams)."""
 
 
 class _Freezer:
@@ -487,7 +490,8 @@ class _Freezer:
     last one (CPython's own rule for the old generation), an engine that owns the freeze
     unfreezes, collects and freezes again (a pause while no speech plays); and
     a service that is never idle gets the same full collection, during a speech, once the
-    frozen count has doubled (plus ``BUSY_RECOLLECT``) since the last one, so its memory
+    frozen count has doubled (plus ``BUSY_RECOLLECT``) since the last one (measured every
+    ``BUSY_CHECK_EVERY`` opens), so its memory
     stays bounded; and :func:`gc.unfreeze` when the last freezing engine closes, unless
     something else had frozen objects before the first one opened (then it is the
     application's to call).
@@ -496,6 +500,7 @@ class _Freezer:
     holders = 0
     owned = False
     speeches = 0  # speeches open, in every freezing engine of the process
+    opens = 0  # speeches opened since the frozen set was last measured while busy
     frozen_at_full = 0  # gc.get_freeze_count() after the last full collection of it all
 
     @classmethod
@@ -514,8 +519,11 @@ class _Freezer:
     def opened(cls) -> None:
         cls.speeches += 1
         gc.freeze()
-        if cls.owned and gc.get_freeze_count() > cls.frozen_at_full * 2 + BUSY_RECOLLECT:
-            cls._recollect()  # never idle and still growing: bound the memory, pay a pause
+        cls.opens += 1
+        if cls.opens >= BUSY_CHECK_EVERY and cls.owned:  # get_freeze_count walks the list
+            cls.opens = 0
+            if gc.get_freeze_count() > cls.frozen_at_full * 2 + BUSY_RECOLLECT:
+                cls._recollect()  # never idle and still growing: bound the memory, a pause
 
     @classmethod
     def closed(cls) -> None:
