@@ -510,8 +510,8 @@ class Connection:
             except ValueError:
                 pcm = None  # not base64 as it stands (a JSON escape?): the whole frame decides
             if pcm is not None and (rid is None or type(rid) is str):
-                if secret and rid and secret in rid:  # the one text field carried on
-                    rid = rid.replace(secret, "sk-***")
+                if secret:
+                    rid = _redact_id(rid, secret)
                 rid = self.protocol.accept_delta(rid)
                 if rid is not None:  # else not live, or a retired response (barge-in)
                     self._on_pcm(pcm, rid, head.get("x_sent_monotonic"))
@@ -520,8 +520,8 @@ class Connection:
         if data["type"] == _DELTA_TYPE:
             delta, rid = data.get("delta"), data.get("response_id")
             if type(delta) is str and (rid is None or type(rid) is str):
-                if secret and rid and secret in rid:
-                    rid = rid.replace(secret, "sk-***")
+                if secret:
+                    rid = _redact_id(rid, secret)
                 self._on_delta(delta, rid, data.get("x_sent_monotonic"))
                 return
         if secret:  # a server echoing the key: no field of its events may carry it on
@@ -791,6 +791,11 @@ def _split_delta(payload: memoryview | bytearray) -> tuple[dict[str, Any], memor
     ):
         return None
     return data, memoryview(payload)[i + _KEY_LEN : n - 2]
+
+
+def _redact_id(rid: str | None, secret: str) -> str | None:
+    """A delta's response id without the key: the one text field a delta carries on."""
+    return rid.replace(secret, "sk-***") if rid and secret in rid else rid
 
 
 def _stamp(value: object) -> float | None:

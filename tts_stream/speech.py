@@ -655,8 +655,7 @@ class Speech:
             if not fanout.write_nowait(Frame(samples, ledger.samples_out, rid, at)):
                 return False
             rec.delta(at, samples, server_sent_at=sent_at)
-            if ledger.response_started(rid):  # _on_response_started, one call less
-                rec.response_created(at)
+            self._on_response_started(rid, at)
             ledger.audio(len(samples))  # nothing is replayable from now on
             att.last_activity = at
             att.lease.first_audio()  # the pool starts the refill now (idempotent, O(1))
